@@ -1,0 +1,53 @@
+"""The recommendation service: ``gunicorn 'app:create_app()'``.
+
+Configuration comes from the environment (defaults work on a laptop):
+
+``REDIS_URL``            Redis holding the published models (redis://localhost:6379/0)
+``REDIS_PREFIX``         key prefix (recs)
+``MODEL_CACHE_DIR``      local folder for memory-mapped model files, shared by workers
+``MODEL_POLL_SECONDS``   how often a worker re-checks the live pointer (2)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from flask import Flask
+
+from app.errors import register_error_handlers
+from app.live_model import LiveModel
+from models.store import ModelStore, redis_from_url
+
+
+def default_config() -> dict:
+    return {
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://localhost:6379/0"),
+        "REDIS_PREFIX": os.environ.get("REDIS_PREFIX", "recs"),
+        "MODEL_CACHE_DIR": os.environ.get("MODEL_CACHE_DIR", os.path.join(tempfile.gettempdir(), "recs-models")),
+        "MODEL_POLL_SECONDS": float(os.environ.get("MODEL_POLL_SECONDS", "2")),
+        "MODEL_WATCHER": True,  # tests turn the background thread off and call refresh()
+        "MAX_CONTENT_LENGTH": int(os.environ.get("MAX_BODY_BYTES", str(1 << 20))),
+    }
+
+
+def create_app(config: dict | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update(default_config())
+    app.config.update(config or {})
+    app.json.sort_keys = False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    store = ModelStore(redis_from_url(app.config["REDIS_URL"], socket_timeout=2.0), app.config["REDIS_PREFIX"])
+    live = LiveModel(store, app.config["MODEL_CACHE_DIR"], app.config["MODEL_POLL_SECONDS"])
+    app.extensions["live_model"] = live
+    live.refresh()  # a worker that can load a model starts ready
+    if app.config["MODEL_WATCHER"]:
+        live.start()
+
+    from app.api import api
+
+    app.register_blueprint(api)
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,132 @@
+"""The model a worker serves, kept in step with the live pointer in Redis.
+
+Each worker holds one :class:`LiveModel`. A background thread watches the
+pointer (pub/sub notice plus a poll as a safety net); when it moves, the new
+version is fetched, verified, written to the shared local cache and opened,
+and only then swapped in with one reference assignment. Requests already
+running keep the object they started with, so a switch fails none of them.
+A version that fails verification is refused and the current one stays.
+When Redis is unreachable the worker keeps serving what it has loaded and
+reports itself degraded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from models.recommender import Recommender
+from models.store import ModelError, ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class LiveModel:
+    def __init__(self, store: ModelStore, cache_dir: str | Path, poll_seconds: float = 2.0):
+        self.store = store
+        self.cache_dir = Path(cache_dir)
+        self.poll_seconds = poll_seconds
+        self.current: Recommender | None = None
+        self.redis_ok = True
+        self.last_error: str | None = None
+        self.refused: dict[str, str] = {}  # version -> why it was refused
+        self._switch_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def version(self) -> str | None:
+        current = self.current
+        return current.version if current is not None else None
+
+    def fresh_history(self, model: Recommender, user_id: str):
+        """(items, weights) of events accepted since ``model`` was built, or (None, None)."""
+        return None, None
+
+    def refresh(self) -> bool:
+        """Load the live version if it differs from the one served. True if it switched."""
+        with self._switch_lock:
+            try:
+                live = self.store.live_version()
+                self.redis_ok = True
+            except redis.RedisError as exc:
+                self._mark_redis_down(exc)
+                return False
+            if live is None or live == self.version:
+                return False
+            if live in self.refused:
+                return False
+            try:
+                folder = self.store.materialize(live, self.cache_dir)
+                model = Recommender(folder)
+            except ModelError as exc:
+                # Wrong checksum or missing parts: refuse it, keep serving the previous one.
+                self.refused[live] = str(exc)
+                self.last_error = f"refused version {live}: {exc}"
+                log.error(self.last_error)
+                return False
+            except redis.RedisError as exc:
+                self._mark_redis_down(exc)
+                return False
+            except Exception as exc:  # unreadable local files etc.: same rule, keep serving
+                self.refused[live] = repr(exc)
+                self.last_error = f"could not open version {live}: {exc!r}"
+                log.exception("could not open version %s", live)
+                return False
+            previous, self.current = self.current, model
+            self.last_error = None
+            log.info("serving model version %s (was %s)", live, previous.version if previous else None)
+            self._forget_old_copies()
+            return True
+
+    def _mark_redis_down(self, exc: Exception) -> None:
+        if self.redis_ok:
+            log.warning("redis unreachable, serving the loaded model: %s", exc)
+        self.redis_ok = False
+        self.last_error = f"redis unreachable: {exc}"
+
+    def _forget_old_copies(self) -> None:
+        try:
+            kept = {meta["model_version"] for meta in self.store.versions()}
+            self.store.prune_cache(self.cache_dir, kept | {self.version})
+        except redis.RedisError:
+            pass
+
+    # -- background watcher ---------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._watch, name="live-model-watcher", daemon=True)
+        self._thread.start()
+        threading.Thread(target=self._listen, name="live-model-listener", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # the watcher must outlive any single failure
+                log.exception("model refresh failed")
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def _listen(self) -> None:
+        """Wake the watcher as soon as a publish is announced (the poll stays as a fallback)."""
+        while not self._stop.is_set():
+            try:
+                pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.store.keys.live_channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._wake.set()
+            except Exception:
+                time.sleep(1.0)

@@ -1,0 +1,245 @@
+"""The nightly job: load and validate -> evaluate -> learn -> build the index -> publish.
+
+    python -m jobs.nightly --events PATH --catalog PATH
+
+Redis comes from ``REDIS_URL`` (default ``redis://localhost:6379/0``). Every
+step runs before anything is written to Redis except the final publish, and
+the publish switches the live pointer only after the complete version is
+stored, so a failure anywhere leaves the live model untouched. Exit codes:
+0 published, 1 failed, 2 bad input data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.build import build_parts, npy_bytes, open_parts, precompute_candidates
+from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
+from models.embeddings import ModelParams, learn_embeddings
+from models.evaluate import holdout_split, popularity_ranking, ranking_metrics, recommend_popular
+from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
+
+log = logging.getLogger("jobs.nightly")
+
+EVAL_K = 10
+MAX_EVAL_USERS = 20000  # evaluation cost grows with users; a sample this size is plenty stable
+
+
+@dataclass
+class NightlyConfig:
+    events: str
+    catalog: str
+    redis_url: str | None = None
+    prefix: str = "recs"
+    evaluate: bool = True
+    split: str = "temporal"
+    holdout: float = 0.2
+    publish: bool = True
+    keep: int = DEFAULT_KEEP
+    max_rejected_share: float = DEFAULT_MAX_REJECTED_SHARE
+    params: ModelParams = field(default_factory=ModelParams)
+    show_progress: bool = True
+
+
+@dataclass
+class NightlyResult:
+    version: str | None
+    meta: dict
+    timings: dict
+
+
+def evaluate_params(
+    train: Events, test_mask_events: Events, catalog: Catalog, params: ModelParams, show_progress: bool, seed: int = 0
+) -> dict:
+    """Train on ``train``, score top-k for users with held-out titles, compare to popularity."""
+    truth: dict[int, set[int]] = {}
+    for user, item in zip(test_mask_events.user.tolist(), test_mask_events.item.tolist()):
+        truth.setdefault(user, set()).add(item)
+    users = np.array(sorted(truth), dtype=np.int64)
+    if len(users) > MAX_EVAL_USERS:
+        users = np.sort(np.random.default_rng(seed).choice(users, MAX_EVAL_USERS, replace=False))
+    embeddings = learn_embeddings(train, catalog, params, show_progress=show_progress)
+    parts = build_parts(catalog, train, embeddings, params)
+    seen = (embeddings.confidence > 0).tocsr()
+    with tempfile.TemporaryDirectory(prefix="eval-") as tmp:
+        recommender = open_parts(parts, {"params": params.as_dict()}, Path(tmp))
+        candidates, _ = precompute_candidates(recommender, seen, users, EVAL_K, show_progress=show_progress)
+        recommender.close()
+    relevant = [truth[int(u)] for u in users]
+    model_lists = [[int(i) for i in row if i >= 0] for row in candidates]
+    metrics = ranking_metrics(model_lists, relevant, EVAL_K, len(catalog))
+    ranking = popularity_ranking(train, len(catalog))
+    popular_lists = [
+        recommend_popular(ranking, set(seen.indices[seen.indptr[u] : seen.indptr[u + 1]].tolist()), EVAL_K) for u in users
+    ]
+    baseline = ranking_metrics(popular_lists, relevant, EVAL_K, len(catalog))
+    return {"model": metrics, "popularity": baseline}
+
+
+def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> NightlyResult:
+    timings: dict[str, float] = {}
+    params = config.params
+    if store is None and config.publish:
+        store = ModelStore(redis_from_url(config.redis_url), config.prefix)
+    if store is not None:
+        store.redis.ping()  # fail before hours of work, not after
+
+    started = time.perf_counter()
+    catalog, catalog_report = load_catalog(config.catalog, config.max_rejected_share)
+    events, events_report = load_events(config.events, catalog, config.max_rejected_share)
+    timings["load"] = time.perf_counter() - started
+    log.info(
+        "loaded %d titles, %d events from %d users (%d rows rejected, %d events for unknown titles)",
+        len(catalog), len(events), len(events.user_ids), events_report.rejected_total, events_report.unknown_items,
+    )
+
+    evaluation = None
+    if config.evaluate:
+        started = time.perf_counter()
+        train_mask = holdout_split(events, config.holdout, config.split, seed=params.seed)
+        evaluation = evaluate_params(
+            events.subset(train_mask), events.subset(~train_mask), catalog, params, config.show_progress
+        )
+        evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
+        timings["evaluate"] = time.perf_counter() - started
+        log.info(
+            "holdout nDCG@%d %.4f (popularity %.4f), recall@%d %.4f, coverage %.3f",
+            EVAL_K, evaluation["model"][f"ndcg@{EVAL_K}"], evaluation["popularity"][f"ndcg@{EVAL_K}"],
+            EVAL_K, evaluation["model"][f"recall@{EVAL_K}"], evaluation["model"]["coverage"],
+        )
+
+    started = time.perf_counter()
+    embeddings = learn_embeddings(events, catalog, params, show_progress=config.show_progress)
+    timings.update({f"train_{k}": v for k, v in embeddings.timings.items()})
+    timings["train"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    parts = build_parts(catalog, events, embeddings, params)
+    timings["index"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    seen = (embeddings.confidence > 0).tocsr()
+    all_users = np.arange(len(events.user_ids), dtype=np.int64)
+    with tempfile.TemporaryDirectory(prefix="build-") as tmp:
+        recommender = open_parts(parts, {"params": params.as_dict()}, Path(tmp))
+        candidates, scores = precompute_candidates(
+            recommender, seen, all_users, params.candidates, show_progress=config.show_progress
+        )
+        recommender.close()
+    parts["candidates.npy"] = npy_bytes(candidates)
+    parts["candidate_scores.npy"] = npy_bytes(scores)
+    timings["candidates"] = time.perf_counter() - started
+
+    meta = {
+        "created_at": time.time(),
+        "counts": {
+            "titles": len(catalog),
+            "users": len(events.user_ids),
+            "events": len(events),
+            "titles_with_viewers": int((embeddings.viewers > 0).sum()),
+            "rows_rejected": events_report.rejected_total + catalog_report.rejected_total,
+            "events_unknown_title": events_report.unknown_items,
+        },
+        "inputs": {"events": events_report.as_dict(), "catalog": catalog_report.as_dict()},
+        "params": params.as_dict(),
+        "metrics": evaluation,
+        "timings": timings,
+    }
+    version = None
+    if config.publish:
+        started = time.perf_counter()
+        version = store.publish(parts, meta, keep=config.keep)
+        timings["publish"] = time.perf_counter() - started
+        meta["model_version"] = version
+    return NightlyResult(version=version, meta=meta, timings=timings)
+
+
+def print_summary(result: NightlyResult, out=sys.stdout) -> None:
+    meta = result.meta
+    counts = meta["counts"]
+    print(f"model_version: {result.version or '(not published)'}", file=out)
+    print(
+        f"data: {counts['events']} events, {counts['users']} users, {counts['titles']} titles "
+        f"({counts['titles_with_viewers']} with viewers); {counts['rows_rejected']} rows rejected; "
+        f"{counts['events_unknown_title']} events for titles not in the catalogue",
+        file=out,
+    )
+    for example in meta["inputs"]["events"]["unknown_item_examples"]:
+        print(f"  unknown title id e.g. {example!r}", file=out)
+    for reason, n in meta["inputs"]["events"]["rows_rejected"].items():
+        print(f"  events rejected: {n} x {reason}", file=out)
+    metrics = meta.get("metrics")
+    if metrics:
+        m, p = metrics["model"], metrics["popularity"]
+        print(f"holdout ({metrics['split']}, {metrics['holdout']:.0%}, {m['users']} users):", file=out)
+        for name in ("ndcg@10", "precision@10", "recall@10", "map@10", "coverage"):
+            print(f"  {name:<13} model {m[name]:.4f}   popularity {p[name]:.4f}", file=out)
+    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), file=out)
+
+
+def parse_args(argv: list[str] | None = None) -> NightlyConfig:
+    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", default=os.environ.get("EVENTS_PATH"), help="events file(s): CSV/Parquet path, glob or comma list (env EVENTS_PATH)")
+    parser.add_argument("--catalog", default=os.environ.get("CATALOG_PATH"), help="catalogue file(s) (env CATALOG_PATH)")
+    parser.add_argument("--redis-url", default=None, help="Redis to publish to (default: env REDIS_URL, else redis://localhost:6379/0)")
+    parser.add_argument("--prefix", default=os.environ.get("REDIS_PREFIX", "recs"), help="key prefix, to run several catalogues in one Redis")
+    parser.add_argument("--split", choices=("random", "temporal"), default="temporal", help="holdout: each user's random or most recent titles")
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of each user's titles held out for evaluation")
+    parser.add_argument("--no-eval", action="store_true", help="skip the holdout evaluation (faster, no metrics)")
+    parser.add_argument("--dry-run", action="store_true", help="do everything except publishing")
+    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions kept in Redis for rollback")
+    parser.add_argument("--max-rejected-share", type=float, default=DEFAULT_MAX_REJECTED_SHARE, help="fail if more than this share of rows break the contract")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    defaults = ModelParams()
+    for f in fields(ModelParams):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None, help=f"model parameter (default {getattr(defaults, f.name)})")
+    args = parser.parse_args(argv)
+    if not args.events or not args.catalog:
+        parser.error("--events and --catalog are required (or set EVENTS_PATH and CATALOG_PATH)")
+    if not 0.0 < args.holdout < 1.0:
+        parser.error("--holdout must be between 0 and 1")
+    overrides = {f.name: getattr(args, f.name) for f in fields(ModelParams) if getattr(args, f.name) is not None}
+    return NightlyConfig(
+        events=args.events,
+        catalog=args.catalog,
+        redis_url=args.redis_url,
+        prefix=args.prefix,
+        evaluate=not args.no_eval,
+        split=args.split,
+        holdout=args.holdout,
+        publish=not args.dry_run,
+        keep=args.keep,
+        max_rejected_share=args.max_rejected_share,
+        params=ModelParams(**overrides),
+        show_progress=not args.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    try:
+        result = run_nightly(config)
+    except DataError as exc:
+        print(f"error: bad input data; nothing was published.\n{exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the live model stays as it was; say why we stopped
+        log.exception("nightly job failed")
+        print(f"error: nightly job failed; the live model is unchanged: {exc}", file=sys.stderr)
+        return 1
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""The data contract: the one loader for watch logs (events) and the catalogue.
+
+Everything that reads input files goes through :func:`load_events` and
+:func:`load_catalog`, so the rules live in one place:
+
+events   ``user_id``, ``item_id`` (strings), ``timestamp`` (unix seconds or
+         ISO-8601), optional ``watch_seconds`` (>= 0). One row per viewing.
+catalog  ``item_id``, ``title`` required; optional ``genres`` (pipe-separated),
+         ``year``, ``episode_minutes``, ``seasons``, ``episodes`` (may be blank).
+
+The format is chosen by extension (``.csv``, ``.parquet``/``.pq``); a path may
+be a glob (daily partitions) or a comma-separated list. Extra columns are
+ignored. A missing required column fails at once; rows with unparsable values
+are rejected and counted, and if more than ``max_rejected_share`` of the rows
+would be rejected the load fails with :class:`DataError` naming the file, the
+column and the first offending rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
+CATALOG_COLUMNS = ("item_id", "title")
+CATALOG_NUMERIC = ("year", "episode_minutes", "seasons", "episodes")
+DEFAULT_MAX_REJECTED_SHARE = 0.01
+MAX_ID_LENGTH = 128
+
+
+class DataError(ValueError):
+    """Input that breaks the data contract. The message names file, column and rows."""
+
+
+@dataclass
+class Catalog:
+    """Titles, one row each, in a stable order: row ``i`` is item index ``i``."""
+
+    items: pd.DataFrame  # item_id, title, genres (list[str]), year, episode_minutes, seasons, episodes
+    index: dict[str, int]  # item_id -> row
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return self.items["item_id"].to_numpy()
+
+
+@dataclass
+class Events:
+    """Viewings as parallel arrays; ``item`` indexes the catalogue rows."""
+
+    user_ids: np.ndarray  # unique user id strings; ``user`` indexes this
+    user: np.ndarray  # int32
+    item: np.ndarray  # int32, row in Catalog
+    timestamp: np.ndarray  # int64 unix seconds
+    watch_seconds: np.ndarray  # float32, NaN where unknown
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def subset(self, mask: np.ndarray) -> Events:
+        """Rows where ``mask`` holds; user ids are kept so indices stay valid."""
+        return Events(
+            self.user_ids,
+            self.user[mask],
+            self.item[mask],
+            self.timestamp[mask],
+            self.watch_seconds[mask],
+        )
+
+
+@dataclass
+class LoadReport:
+    """What the loader read, rejected and why; printed by the job, stored with the run."""
+
+    files: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    rows_rejected: dict[str, int] = field(default_factory=dict)
+    unknown_items: int = 0
+    unknown_item_examples: list[str] = field(default_factory=list)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rows_rejected.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "files": self.files,
+            "rows_read": self.rows_read,
+            "rows_rejected": dict(self.rows_rejected),
+            "unknown_items": self.unknown_items,
+            "unknown_item_examples": self.unknown_item_examples,
+        }
+
+
+def expand_paths(spec: str | os.PathLike) -> list[Path]:
+    """A path, a glob or a comma-separated list of either, sorted; missing files are an error."""
+    paths: list[Path] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if glob.has_magic(part):
+            matched = sorted(glob.glob(part))
+            if not matched:
+                raise DataError(f"{part}: no file matches this pattern")
+            paths.extend(Path(p) for p in matched)
+        else:
+            path = Path(part)
+            if not path.is_file():
+                raise DataError(f"{path}: no such file")
+            paths.append(path)
+    if not paths:
+        raise DataError(f"{spec!r}: no input file given")
+    return paths
+
+
+def _read_table(path: Path, string_columns: tuple[str, ...]) -> pa.Table:
+    """Read one CSV or Parquet file; id-like columns are always read as strings."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            table = pq.read_table(path)
+            casts = {}
+            for name in string_columns:
+                if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
+                    casts[name] = pc.cast(table[name], pa.string())
+            for name, column in casts.items():
+                table = table.set_column(table.column_names.index(name), name, column)
+            return table
+        if suffix in (".csv", ".txt", ".gz"):
+            header = _csv_header(path)
+            types = {name: pa.string() for name in header}
+            return pacsv.read_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=1 << 24),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False
+                ),
+            )
+    except (pa.ArrowInvalid, pa.ArrowIOError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"{path}: cannot be read as {suffix.lstrip('.') or 'CSV'}: {exc}") from exc
+    raise DataError(f"{path}: unknown file type {suffix!r}; use .csv or .parquet")
+
+
+def _csv_header(path: Path) -> list[str]:
+    """Header row, read as text so every column can be typed as string up front."""
+    with open(path, "rb") as handle:
+        first = handle.readline(1 << 20)
+    try:
+        text = first.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: header is not UTF-8 ({exc}); save the file as UTF-8") from exc
+    if "," not in text and ("\t" in text or ";" in text):
+        raise DataError(f"{path}: header {text!r} is not comma-separated; the contract expects CSV with ','")
+    return [name.strip().strip('"') for name in text.split(",")]
+
+
+def _require(table: pa.Table, path: Path, required: tuple[str, ...]) -> None:
+    missing = [name for name in required if name not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{path}: missing required column(s) {', '.join(repr(m) for m in missing)}; "
+            f"found {', '.join(repr(c) for c in table.column_names)}"
+        )
+
+
+def _row_label(path: Path, rows: np.ndarray) -> str:
+    """Human row numbers: CSV line numbers (header is line 1), else 1-based row numbers."""
+    offset = 2 if path.suffix.lower() != ".parquet" else 1
+    shown = ", ".join(str(int(r) + offset) for r in rows[:5])
+    kind = "lines" if offset == 2 else "rows"
+    return f"{kind} {shown}" + (" ..." if len(rows) > 5 else "")
+
+
+class _Rejections:
+    """Collects bad rows per (file, column); decides whether the load may go on."""
+
+    def __init__(self, report: LoadReport):
+        self.report = report
+        self.first: list[tuple[int, str]] = []  # (count, message) for the error text
+
+    def add(self, path: Path, column: str, bad: np.ndarray, values: np.ndarray, problem: str) -> None:
+        rows = np.flatnonzero(bad)
+        if len(rows) == 0:
+            return
+        key = f"{column}: {problem}"
+        self.report.rows_rejected[key] = self.report.rows_rejected.get(key, 0) + len(rows)
+        examples = ", ".join(repr(str(v))[:40] for v in values[rows[:3]])
+        self.first.append(
+            (len(rows), f"{path}: column '{column}': {len(rows)} row(s) {problem} ({_row_label(path, rows)}; e.g. {examples})")
+        )
+
+    def check(self, total: int, max_share: float, what: str) -> None:
+        rejected = self.report.rejected_total
+        if total and rejected / total > max_share:
+            details = "\n  ".join(message for _, message in self.first[:10])
+            raise DataError(
+                f"{what}: {rejected} of {total} rows ({rejected / total:.1%}) break the contract, "
+                f"more than the allowed {max_share:.1%}; nothing was published.\n  {details}"
+            )
+
+
+def _clean_ids(column: pa.ChunkedArray) -> np.ndarray:
+    return pc.utf8_trim_whitespace(column).to_numpy(zero_copy_only=False)
+
+
+def _bad_ids(ids: np.ndarray) -> np.ndarray:
+    """Blank, absurdly long or control-character ids cannot be served safely."""
+    series = pd.Series(ids, dtype=object)
+    blank = series.isna().to_numpy() | (series.fillna("") == "").to_numpy()
+    lengths = series.fillna("").str.len().to_numpy()
+    control = series.fillna("").str.contains(r"[\x00-\x1f\x7f]", regex=True).to_numpy()
+    return blank | (lengths > MAX_ID_LENGTH) | control
+
+
+def parse_timestamps(values: np.ndarray) -> np.ndarray:
+    """Unix seconds (int or float text) or ISO-8601 strings -> int64 seconds; unparsable -> -1."""
+    series = pd.Series(values, dtype=object)
+    numeric = pd.to_numeric(series, errors="coerce")
+    out = numeric.to_numpy(dtype="float64", na_value=np.nan)
+    need_iso = np.isnan(out) & series.notna().to_numpy()
+    if need_iso.any():
+        parsed = pd.to_datetime(series[need_iso], utc=True, errors="coerce", format="ISO8601")
+        seconds = (parsed.astype("int64") // 10**9).to_numpy(dtype="float64")
+        seconds[parsed.isna().to_numpy()] = np.nan
+        out[need_iso] = seconds
+    bad = ~np.isfinite(out) | (out < 0) | (out > 4102444800)  # before 1970 or after 2100
+    result = np.where(bad, -1, out).astype(np.int64)
+    return result
+
+
+def load_catalog(spec: str | os.PathLike, max_rejected_share: float = DEFAULT_MAX_REJECTED_SHARE) -> tuple[Catalog, LoadReport]:
+    """Read and validate the catalogue. Duplicate item ids keep their last row."""
+    report = LoadReport()
+    rejections = _Rejections(report)
+    frames = []
+    for path in expand_paths(spec):
+        report.files.append(str(path))
+        table = _read_table(path, ("item_id", "title", "genres"))
+        _require(table, path, CATALOG_COLUMNS)
+        n = table.num_rows
+        report.rows_read += n
+        frame = pd.DataFrame({"item_id": _clean_ids(table["item_id"])})
+        titles = table["title"].to_numpy(zero_copy_only=False)
+        frame["title"] = pd.Series(titles, dtype=object).fillna("").str.strip().to_numpy()
+        keep = ~_bad_ids(frame["item_id"].to_numpy())
+        rejections.add(path, "item_id", ~keep, frame["item_id"].to_numpy(), "blank, too long or with control characters")
+        no_title = frame["title"].to_numpy() == ""
+        rejections.add(path, "title", no_title & keep, frame["title"].to_numpy(), "blank")
+        keep &= ~no_title
+        if "genres" in table.column_names:
+            raw = pd.Series(table["genres"].to_numpy(zero_copy_only=False), dtype=object).fillna("")
+            frame["genres"] = [
+                [g.strip() for g in text.split("|") if g.strip() and g.strip() != "(no genres listed)"] for text in raw
+            ]
+        else:
+            frame["genres"] = [[] for _ in range(n)]
+        for name in CATALOG_NUMERIC:
+            if name not in table.column_names:
+                frame[name] = np.nan
+                continue
+            raw = pd.Series(table[name].to_numpy(zero_copy_only=False), dtype=object)
+            blank = raw.isna() | (raw.astype(str).str.strip() == "")
+            numbers = pd.to_numeric(raw.where(~blank), errors="coerce")
+            bad = (numbers.isna() & ~blank) | (numbers < 0)
+            rejections.add(path, name, bad.to_numpy() & keep, raw.to_numpy(), "not a non-negative number")
+            keep &= ~bad.to_numpy()
+            frame[name] = numbers.astype("float64")
+        for extra in ("kind",):
+            if extra in table.column_names:
+                frame[extra] = pd.Series(table[extra].to_numpy(zero_copy_only=False), dtype=object).fillna("")
+        frames.append(frame[keep])
+    rejections.check(report.rows_read, max_rejected_share, "catalog")
+    items = pd.concat(frames, ignore_index=True).drop_duplicates("item_id", keep="last").reset_index(drop=True)
+    if "kind" not in items.columns:
+        items["kind"] = ""
+    if items.empty:
+        raise DataError(f"{', '.join(report.files)}: the catalogue has no valid titles")
+    index = {item_id: row for row, item_id in enumerate(items["item_id"])}
+    return Catalog(items=items, index=index), report
+
+
+def load_events(
+    spec: str | os.PathLike,
+    catalog: Catalog,
+    max_rejected_share: float = DEFAULT_MAX_REJECTED_SHARE,
+    progress=None,
+) -> tuple[Events, LoadReport]:
+    """Read and validate watch events against ``catalog``.
+
+    Events for titles missing from the catalogue are dropped, counted and
+    reported (they are not contract violations: the catalogue may lag).
+    """
+    report = LoadReport()
+    rejections = _Rejections(report)
+    user_parts, item_parts, ts_parts, ws_parts = [], [], [], []
+    catalog_ids = pa.array(catalog.item_ids.astype(str), type=pa.string())
+    paths = expand_paths(spec)
+    for path in paths:
+        report.files.append(str(path))
+        table = _read_table(path, ("user_id", "item_id"))
+        _require(table, path, EVENT_COLUMNS)
+        report.rows_read += table.num_rows
+        users = _clean_ids(table["user_id"])
+        items_raw = pc.utf8_trim_whitespace(table["item_id"])
+        items = items_raw.to_numpy(zero_copy_only=False)
+        keep = ~_bad_ids(users)
+        rejections.add(path, "user_id", ~keep, users, "blank, too long or with control characters")
+        bad_item = _bad_ids(items)
+        rejections.add(path, "item_id", bad_item & keep, items, "blank, too long or with control characters")
+        keep &= ~bad_item
+        ts_column = table["timestamp"]
+        if pa.types.is_timestamp(ts_column.type):
+            ts = pc.cast(ts_column, pa.timestamp("s")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            ts = np.nan_to_num(ts.astype("float64"), nan=-1).astype(np.int64)
+            ts_raw = ts
+        else:
+            ts_raw = ts_column.to_numpy(zero_copy_only=False)
+            ts = parse_timestamps(ts_raw)
+        bad_ts = ts < 0
+        rejections.add(path, "timestamp", bad_ts & keep, np.asarray(ts_raw, dtype=object), "not unix seconds or ISO-8601")
+        keep &= ~bad_ts
+        if "watch_seconds" in table.column_names:
+            raw = pd.Series(table["watch_seconds"].to_numpy(zero_copy_only=False), dtype=object)
+            blank = raw.isna() | (raw.astype(str).str.strip() == "")
+            seconds = pd.to_numeric(raw.where(~blank), errors="coerce")
+            bad = ((seconds.isna() & ~blank) | (seconds < 0)).to_numpy()
+            rejections.add(path, "watch_seconds", bad & keep, raw.to_numpy(), "not a number >= 0")
+            keep &= ~bad
+            ws = seconds.to_numpy(dtype="float32", na_value=np.nan)
+        else:
+            ws = np.full(table.num_rows, np.nan, dtype=np.float32)
+        item_rows = pc.index_in(items_raw, value_set=catalog_ids).to_numpy(zero_copy_only=False)
+        unknown = keep & pd.isna(item_rows)
+        if unknown.any():
+            report.unknown_items += int(unknown.sum())
+            for example in pd.unique(items[unknown])[:5]:
+                if len(report.unknown_item_examples) < 5:
+                    report.unknown_item_examples.append(str(example))
+        keep &= ~unknown
+        user_parts.append(users[keep])
+        item_parts.append(np.asarray(item_rows[keep], dtype=np.int32))
+        ts_parts.append(ts[keep])
+        ws_parts.append(ws[keep])
+        if progress is not None:
+            progress(path, table.num_rows)
+    rejections.check(report.rows_read, max_rejected_share, "events")
+    users = np.concatenate(user_parts) if user_parts else np.array([], dtype=object)
+    codes, uniques = pd.factorize(users, sort=True)
+    events = Events(
+        user_ids=np.asarray(uniques, dtype=object),
+        user=codes.astype(np.int32),
+        item=np.concatenate(item_parts).astype(np.int32),
+        timestamp=np.concatenate(ts_parts).astype(np.int64),
+        watch_seconds=np.concatenate(ws_parts).astype(np.float32),
+    )
+    if len(events) == 0:
+        raise DataError(f"{', '.join(report.files)}: no valid events (of {report.rows_read} rows read)")
+    return events, report

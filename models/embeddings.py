@@ -1,0 +1,219 @@
+"""Learning item embeddings: collaborative factors (implicit ALS) + a torch content model.
+
+The collaborative part sees who watched what: each viewing adds confidence
+weighted by how much of the episode was watched and how recently; ALS factors
+the user x title confidence matrix. The content part is a small torch MLP from
+a title's features (genres, year, episode length, seasons, episodes, kind) to
+the collaborative space, trained on titles with enough viewers. A title's
+final vector blends the two by how much evidence it has, so a new show with no
+viewings still lands next to the titles it resembles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from threadpoolctl import threadpool_limits
+from implicit.cpu.als import AlternatingLeastSquares
+
+from models.data import Catalog, Events
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelParams:
+    """Hyperparameters. Each says what it trades off; the job may tune some of them."""
+
+    factors: int = 64  # embedding size: more fits more taste detail, costs memory and time
+    regularization: float = 0.05  # ALS L2 penalty; larger = smoother, more popular-leaning
+    iterations: int = 15  # ALS sweeps; 10-20 is usually converged
+    alpha: float = 2.0  # confidence scale: c = 1 + alpha * log1p(weighted views / eps)
+    eps: float = 1.0  # views below eps count little; above, log-scaled (binges do not dominate)
+    recency_half_life_days: float = 120.0  # older viewings fade to recency_floor; 0 disables
+    recency_floor: float = 0.35
+    content_shrink: float = 5.0  # viewers at which CF and content weigh equally in the blend
+    content_steps: int = 300  # optimizer steps of the content MLP (batches of 1024 titles)
+    content_hidden: int = 128
+    n_trees: int = 50  # Annoy trees: more = better recall, bigger index
+    search_k: int = -1  # Annoy nodes inspected per query (-1 = n_trees * n)
+    history_cap: int = 500  # recent titles kept per user in the published history
+    candidates: int = 50  # per-user precomputed recommendations (k above this is computed live)
+    seed: int = 7
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # float32 [items, d], final blended vectors
+    cf_vectors: np.ndarray  # float32 [items, d], ALS item factors (zero for unseen titles)
+    content_vectors: np.ndarray  # float32 [items, d], content model output
+    viewers: np.ndarray  # int [items], distinct users per title in training
+    confidence: sp.csr_matrix  # users x items confidences the model was trained on
+    params: ModelParams
+    timings: dict = field(default_factory=dict)
+
+
+def event_weights(events: Events, catalog: Catalog, params: ModelParams) -> np.ndarray:
+    """Per-viewing weight = completion x recency.
+
+    Completion is watch time over the episode length (unknown -> a full
+    viewing); abandoned episodes count little. Recency halves every
+    ``recency_half_life_days`` down to ``recency_floor``, relative to the
+    newest event, so old tastes still count but recent ones lead.
+    """
+    minutes = catalog.items["episode_minutes"].to_numpy(dtype=np.float32)[events.item]
+    completion = np.ones(len(events), dtype=np.float32)
+    known = np.isfinite(events.watch_seconds) & np.isfinite(minutes) & (minutes > 0)
+    completion[known] = np.clip(events.watch_seconds[known] / (minutes[known] * 60.0), 0.05, 1.0)
+    unknown_length = np.isfinite(events.watch_seconds) & ~known
+    # No episode length: 30 minutes of watching counts as a full viewing.
+    completion[unknown_length] = np.clip(events.watch_seconds[unknown_length] / 1800.0, 0.05, 1.0)
+    if params.recency_half_life_days > 0 and len(events):
+        age_days = (events.timestamp.max() - events.timestamp) / 86400.0
+        decay = np.power(0.5, age_days / params.recency_half_life_days, dtype=np.float64)
+        recency = params.recency_floor + (1.0 - params.recency_floor) * decay
+        return (completion * recency).astype(np.float32)
+    return completion
+
+
+def confidence_matrix(events: Events, catalog: Catalog, params: ModelParams) -> sp.csr_matrix:
+    """users x items matrix of ALS confidences (summed weights, log-scaled)."""
+    weights = event_weights(events, catalog, params)
+    n_users, n_items = len(events.user_ids), len(catalog)
+    summed = sp.csr_matrix((weights, (events.user, events.item)), shape=(n_users, n_items), dtype=np.float32)
+    summed.sum_duplicates()
+    summed.data = (params.alpha * np.log1p(summed.data / params.eps)).astype(np.float32)
+    return summed
+
+
+def fit_collaborative(confidence: sp.csr_matrix, params: ModelParams, show_progress: bool = True):
+    """Implicit ALS on the confidence matrix; returns (item factors, user factors)."""
+    threads = int(os.environ.get("TRAIN_THREADS", "0"))
+    # implicit parallelises itself; a BLAS thread pool underneath it only fights for the cores.
+    with threadpool_limits(1, "blas"):
+        return _fit_als(confidence, params, threads, show_progress)
+
+
+def _fit_als(confidence: sp.csr_matrix, params: ModelParams, threads: int, show_progress: bool):
+    model = AlternatingLeastSquares(
+        factors=params.factors,
+        regularization=params.regularization,
+        alpha=1.0,  # confidences are already scaled by confidence_matrix
+        iterations=params.iterations,
+        calculate_training_loss=False,
+        random_state=params.seed,
+        num_threads=threads,
+    )
+    model.fit(confidence, show_progress=show_progress)
+    return np.asarray(model.item_factors, dtype=np.float32), np.asarray(model.user_factors, dtype=np.float32)
+
+
+def content_features(catalog: Catalog) -> np.ndarray:
+    """Numeric feature matrix [items, f] from the catalogue's content columns."""
+    items = catalog.items
+    genres = sorted({g for row in items["genres"] for g in row})
+    genre_col = {g: j for j, g in enumerate(genres)}
+    multi_hot = np.zeros((len(items), len(genres)), dtype=np.float32)
+    for row, names in enumerate(items["genres"]):
+        for g in names:
+            multi_hot[row, genre_col[g]] = 1.0
+    # A title with several genres is split between them, like a TF weight.
+    multi_hot /= np.maximum(multi_hot.sum(axis=1, keepdims=True), 1.0) ** 0.5
+
+    def numeric(name: str, transform) -> tuple[np.ndarray, np.ndarray]:
+        values = items[name].to_numpy(dtype=np.float64)
+        missing = ~np.isfinite(values)
+        out = np.where(missing, 0.0, transform(np.where(missing, 0.0, values)))
+        return out.astype(np.float32), missing.astype(np.float32)
+
+    year, year_missing = numeric("year", lambda y: (y - 2000.0) / 20.0)
+    decades = np.zeros((len(items), 8), dtype=np.float32)  # <1970, 1970s, ..., 2020s
+    years = items["year"].to_numpy(dtype=np.float64)
+    known = np.isfinite(years)
+    decade = np.clip(((years[known] - 1960) // 10).astype(int), 0, 7)
+    decades[np.flatnonzero(known), decade] = 1.0
+    columns = [multi_hot, year[:, None], year_missing[:, None], decades]
+    for name in ("episode_minutes", "seasons", "episodes"):
+        value, missing = numeric(name, np.log1p)
+        columns += [value[:, None] / 5.0, missing[:, None]]
+    kinds = items["kind"].fillna("").astype(str).str.lower().to_numpy()
+    columns += [(kinds == "show").astype(np.float32)[:, None], (kinds == "film").astype(np.float32)[:, None]]
+    return np.hstack(columns).astype(np.float32)
+
+
+def fit_content_model(
+    features: np.ndarray, targets: np.ndarray, sample_weight: np.ndarray, params: ModelParams
+) -> torch.nn.Module:
+    """Train an MLP features -> collaborative vector on titles that have viewers."""
+    torch.manual_seed(params.seed)
+    torch.set_num_threads(1)  # a tiny MLP: threads cost more in sync than they save
+    x = torch.from_numpy(features)
+    y = torch.from_numpy(targets)
+    w = torch.from_numpy(sample_weight / max(sample_weight.mean(), 1e-9)).float()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(features.shape[1], params.content_hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(params.content_hidden, params.content_hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(params.content_hidden, targets.shape[1]),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
+    # A fixed number of steps, not epochs: the cost stays flat as the catalogue grows.
+    generator = torch.Generator().manual_seed(params.seed)
+    batch = min(1024, len(x))
+    for _ in range(params.content_steps):
+        idx = torch.randint(len(x), (batch,), generator=generator)
+        optimizer.zero_grad()
+        loss = ((model(x[idx]) - y[idx]).pow(2).sum(dim=1) * w[idx]).mean()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
+
+
+def learn_embeddings(
+    events: Events, catalog: Catalog, params: ModelParams, show_progress: bool = True
+) -> Embeddings:
+    """Collaborative factors, content model, and the evidence-weighted blend of the two."""
+    import time
+
+    timings = {}
+    started = time.perf_counter()
+    confidence = confidence_matrix(events, catalog, params)
+    timings["confidence_matrix"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    cf_items, _ = fit_collaborative(confidence, params, show_progress=show_progress)
+    timings["als"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    viewers = np.diff(confidence.tocsc().indptr).astype(np.int64)
+    features = content_features(catalog)
+    warm = viewers >= 1
+    content = np.zeros_like(cf_items)
+    if warm.sum() >= 2:
+        model = fit_content_model(features[warm], cf_items[warm], np.log1p(viewers[warm]).astype(np.float32), params)
+        with torch.no_grad():
+            content = model(torch.from_numpy(features)).numpy().astype(np.float32)
+    timings["content_model"] = time.perf_counter() - started
+
+    # Evidence weight: 0 viewers -> content only; many viewers -> collaborative.
+    trust = (viewers / (viewers + params.content_shrink)).astype(np.float32)[:, None]
+    vectors = (trust * cf_items + (1.0 - trust) * content).astype(np.float32)
+    return Embeddings(
+        vectors=vectors,
+        cf_vectors=cf_items,
+        content_vectors=content,
+        viewers=viewers,
+        confidence=confidence,
+        params=params,
+        timings=timings,
+    )

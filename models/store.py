@@ -1,0 +1,311 @@
+"""The Redis key layout and the published model format. Nothing else names a key.
+
+A model *version* is a set of named binary parts plus a JSON metadata record::
+
+    {prefix}:live                       -> version id being served (the pointer)
+    {prefix}:versions                   -> sorted set of kept version ids, by creation time
+    {prefix}:version:{id}:meta          -> JSON: created_at, counts, params, metrics,
+                                           parts {name: {size, sha256, chunks}}, checksum
+    {prefix}:version:{id}:part:{name}:{n} -> bytes of part ``name``, chunk ``n``
+    {prefix}:channel:live               -> pub/sub: a version id, sent after each switch
+
+Publishing writes every part, then the metadata, and only then moves the
+pointer (one SET, atomic). A reader verifies the checksum of what it fetched
+before using it, so a half-written or corrupted version is refused and the
+previous one keeps serving. User-supplied ids never appear in key names:
+per-user data lives inside parts or as hash fields, so input cannot reach or
+collide with internal keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import redis
+
+CHUNK_BYTES = 64 * 1024 * 1024  # Redis strings max out at 512 MB; keep writes moderate
+DEFAULT_PREFIX = "recs"
+DEFAULT_KEEP = 5
+
+# Names of the parts every complete version has (see models.recommender for their meaning).
+REQUIRED_PARTS = (
+    "recommend.ann",
+    "similar.ann",
+    "item_vectors.npy",
+    "items.json",
+    "users.json",
+    "history_indptr.npy",
+    "history_items.npy",
+    "history_weights.npy",
+    "popular.npy",
+    "candidates.npy",
+    "candidate_scores.npy",
+    "gram.npy",
+)
+
+
+class ModelError(RuntimeError):
+    """A version that is missing, incomplete or fails its checksum."""
+
+
+def redis_from_url(url: str | None = None, **kwargs) -> redis.Redis:
+    """The one way to connect: ``REDIS_URL`` (``redis://``, ``rediss://`` with password) or localhost."""
+    url = url or os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+    kwargs.setdefault("socket_connect_timeout", 2.0)
+    kwargs.setdefault("socket_timeout", 10.0)
+    kwargs.setdefault("health_check_interval", 15)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def new_version_id(now: float | None = None) -> str:
+    """Sortable and readable: UTC time of creation plus a short random tail."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now or time.time()))
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def checksum(parts_meta: dict[str, dict]) -> str:
+    """Checksum of a version: sha256 over the sorted (name, part sha256) pairs."""
+    digest = hashlib.sha256()
+    for name in sorted(parts_meta):
+        digest.update(name.encode())
+        digest.update(parts_meta[name]["sha256"].encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Keys:
+    """Key names for one prefix; the only place that formats them."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def live(self) -> str:
+        return f"{self.prefix}:live"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.prefix}:versions"
+
+    @property
+    def live_channel(self) -> str:
+        return f"{self.prefix}:channel:live"
+
+    def meta(self, version: str) -> str:
+        return f"{self.prefix}:version:{version}:meta"
+
+    def part(self, version: str, name: str, chunk: int) -> str:
+        return f"{self.prefix}:version:{version}:part:{name}:{chunk}"
+
+    # Keys used by later features (runs, lock, live events) are defined here too.
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def fresh_history(self) -> str:
+        return f"{self.prefix}:fresh"
+
+    @property
+    def runs(self) -> str:
+        return f"{self.prefix}:runs"
+
+    def run(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}"
+
+    @property
+    def run_queue(self) -> str:
+        return f"{self.prefix}:runs:queue"
+
+    @property
+    def job_lock(self) -> str:
+        return f"{self.prefix}:lock:nightly"
+
+    @property
+    def consumed_events(self) -> str:
+        return f"{self.prefix}:events:consumed"
+
+
+class ModelStore:
+    """Publish, list, activate and fetch model versions in Redis."""
+
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX):
+        self.redis = client
+        self.keys = Keys(prefix)
+
+    # -- writing -----------------------------------------------------------------
+    def write_version(self, parts: dict[str, bytes], meta: dict, version: str | None = None) -> str:
+        """Store every part and then the metadata; does not touch the live pointer."""
+        missing = [name for name in REQUIRED_PARTS if name not in parts]
+        if missing:
+            raise ModelError(f"refusing to write an incomplete version: missing {', '.join(missing)}")
+        version = version or new_version_id()
+        parts_meta = {}
+        for name, blob in parts.items():
+            chunks = max(1, -(-len(blob) // CHUNK_BYTES))
+            pipe = self.redis.pipeline(transaction=False)
+            for n in range(chunks):
+                pipe.set(self.keys.part(version, name, n), blob[n * CHUNK_BYTES : (n + 1) * CHUNK_BYTES])
+            pipe.execute()
+            parts_meta[name] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "chunks": chunks}
+        record = dict(meta)
+        record.update(
+            model_version=version,
+            parts=parts_meta,
+            checksum=checksum(parts_meta),
+            stored_at=time.time(),
+        )
+        record.setdefault("created_at", record["stored_at"])
+        record.setdefault("status", "ready")
+        # Metadata last: a version without it is invisible, so a crash mid-write leaves no half version.
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.meta(version), orjson.dumps(record))
+        pipe.zadd(self.keys.versions, {version: record["created_at"]})
+        pipe.execute()
+        return version
+
+    def publish(self, parts: dict[str, bytes], meta: dict, activate: bool = True, keep: int = DEFAULT_KEEP) -> str:
+        """Write a complete version, then (optionally) switch the live pointer to it."""
+        version = self.write_version(parts, meta)
+        if activate:
+            self.activate(version)
+        self.prune(keep)
+        return version
+
+    def activate(self, version: str) -> None:
+        """Point ``live`` at a kept, complete version (roll back or forward). Atomic."""
+        meta = self.meta(version)
+        self.verify(version, meta)
+        previous = self.live_version()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.live, version)
+        pipe.set(self.keys.meta(version), orjson.dumps({**meta, "status": "live", "activated_at": time.time()}))
+        if previous and previous != version:
+            old = self.meta_or_none(previous)
+            if old is not None:
+                pipe.set(self.keys.meta(previous), orjson.dumps({**old, "status": "ready"}))
+        pipe.publish(self.keys.live_channel, version)
+        pipe.execute()
+
+    def set_status(self, version: str, status: str, **extra) -> None:
+        meta = self.meta(version)
+        meta.update(status=status, **extra)
+        self.redis.set(self.keys.meta(version), orjson.dumps(meta))
+
+    def prune(self, keep: int = DEFAULT_KEEP) -> list[str]:
+        """Drop the oldest versions beyond ``keep``; never the live one."""
+        live = self.live_version()
+        ids = [v.decode() for v in self.redis.zrevrange(self.keys.versions, 0, -1)]
+        dropped = []
+        for version in ids[keep:]:
+            if version == live:
+                continue
+            self.delete(version)
+            dropped.append(version)
+        return dropped
+
+    def delete(self, version: str) -> None:
+        meta = self.meta_or_none(version)
+        keys = [self.keys.meta(version)]
+        if meta:
+            for name, info in meta.get("parts", {}).items():
+                keys.extend(self.keys.part(version, name, n) for n in range(info["chunks"]))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.keys.versions, version)
+        pipe.delete(*keys)
+        pipe.execute()
+
+    # -- reading -----------------------------------------------------------------
+    def live_version(self) -> str | None:
+        value = self.redis.get(self.keys.live)
+        return value.decode() if value else None
+
+    def meta_or_none(self, version: str) -> dict | None:
+        raw = self.redis.get(self.keys.meta(version))
+        return orjson.loads(raw) if raw else None
+
+    def meta(self, version: str) -> dict:
+        meta = self.meta_or_none(version)
+        if meta is None:
+            raise ModelError(f"model version {version!r} does not exist")
+        return meta
+
+    def versions(self) -> list[dict]:
+        """Metadata of every kept version, newest first."""
+        ids = [v.decode() for v in self.redis.zrevrange(self.keys.versions, 0, -1)]
+        metas = self.redis.mget([self.keys.meta(v) for v in ids]) if ids else []
+        return [orjson.loads(raw) for raw in metas if raw]
+
+    def verify(self, version: str, meta: dict) -> None:
+        """Cheap completeness check (every chunk present) before activating."""
+        parts = meta.get("parts", {})
+        missing = [n for n in REQUIRED_PARTS if n not in parts]
+        if missing:
+            raise ModelError(f"version {version} lacks part(s) {', '.join(missing)}")
+        keys = [self.keys.part(version, name, n) for name, info in parts.items() for n in range(info["chunks"])]
+        present = sum(self.redis.exists(k) for k in keys)
+        if present != len(keys):
+            raise ModelError(f"version {version} is incomplete: {len(keys) - present} part chunk(s) missing")
+        if checksum(parts) != meta.get("checksum"):
+            raise ModelError(f"version {version} has a wrong checksum")
+
+    def fetch_part(self, version: str, name: str, info: dict) -> bytes:
+        chunks = self.redis.mget([self.keys.part(version, name, n) for n in range(info["chunks"])])
+        if any(chunk is None for chunk in chunks):
+            raise ModelError(f"version {version}: part {name} is missing")
+        blob = b"".join(chunks)
+        if len(blob) != info["size"] or hashlib.sha256(blob).hexdigest() != info["sha256"]:
+            raise ModelError(f"version {version}: part {name} fails its checksum")
+        return blob
+
+    def materialize(self, version: str, cache_dir: str | os.PathLike) -> Path:
+        """Write a verified copy of ``version`` to ``cache_dir/version`` and return that folder.
+
+        Workers on one host share the folder (and so the page cache of the
+        memory-mapped files); it is filled in a temp folder and renamed into
+        place, so a reader never sees a partial copy.
+        """
+        cache_dir = Path(cache_dir)
+        target = cache_dir / version
+        meta = self.meta(version)
+        if (target / "meta.json").is_file():
+            on_disk = orjson.loads((target / "meta.json").read_bytes())
+            if on_disk.get("checksum") == meta.get("checksum"):
+                return target
+            shutil.rmtree(target, ignore_errors=True)
+        if checksum(meta.get("parts", {})) != meta.get("checksum"):
+            raise ModelError(f"version {version} has a wrong checksum")
+        missing = [n for n in REQUIRED_PARTS if n not in meta.get("parts", {})]
+        if missing:
+            raise ModelError(f"version {version} lacks part(s) {', '.join(missing)}")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache_dir))
+        try:
+            for name, info in meta["parts"].items():
+                (staging / name).write_bytes(self.fetch_part(version, name, info))
+            (staging / "meta.json").write_bytes(orjson.dumps(meta))
+            try:
+                os.rename(staging, target)
+            except OSError:
+                # Another worker won the race and put a complete copy in place.
+                if not (target / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def prune_cache(self, cache_dir: str | os.PathLike, keep: set[str]) -> None:
+        """Remove local copies of versions no longer kept (open mmaps stay valid on POSIX)."""
+        cache_dir = Path(cache_dir)
+        if not cache_dir.is_dir():
+            return
+        for child in cache_dir.iterdir():
+            if child.is_dir() and not child.name.startswith(".") and child.name not in keep:
+                shutil.rmtree(child, ignore_errors=True)
