@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from models.build import build_parts, npy_bytes, open_parts, precompute_candidates
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
@@ -56,6 +55,7 @@ class NightlyResult:
     version: str | None
     meta: dict
     timings: dict
+    parts: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 def evaluate_params(
@@ -161,7 +161,7 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         version = store.publish(parts, meta, keep=config.keep)
         timings["publish"] = time.perf_counter() - started
         meta["model_version"] = version
-    return NightlyResult(version=version, meta=meta, timings=timings)
+    return NightlyResult(version=version, meta=meta, timings=timings, parts=parts)
 
 
 def print_summary(result: NightlyResult, out=sys.stdout) -> None:

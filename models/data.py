@@ -229,12 +229,13 @@ def parse_timestamps(values: np.ndarray) -> np.ndarray:
     """Unix seconds (int or float text) or ISO-8601 strings -> int64 seconds; unparsable -> -1."""
     series = pd.Series(values, dtype=object)
     numeric = pd.to_numeric(series, errors="coerce")
-    out = numeric.to_numpy(dtype="float64", na_value=np.nan)
+    out = numeric.to_numpy(dtype="float64", na_value=np.nan, copy=True)
     need_iso = np.isnan(out) & series.notna().to_numpy()
     if need_iso.any():
         parsed = pd.to_datetime(series[need_iso], utc=True, errors="coerce", format="ISO8601")
-        seconds = (parsed.astype("int64") // 10**9).to_numpy(dtype="float64")
-        seconds[parsed.isna().to_numpy()] = np.nan
+        # Resolution-independent: pandas may parse to s, ms, us or ns.
+        epoch = pd.Timestamp(0, tz="UTC")
+        seconds = ((parsed - epoch) / pd.Timedelta(seconds=1)).to_numpy(dtype="float64", na_value=np.nan)
         out[need_iso] = seconds
     bad = ~np.isfinite(out) | (out < 0) | (out > 4102444800)  # before 1970 or after 2100
     result = np.where(bad, -1, out).astype(np.int64)
@@ -327,8 +328,13 @@ def load_events(
             ts = np.nan_to_num(ts.astype("float64"), nan=-1).astype(np.int64)
             ts_raw = ts
         else:
-            ts_raw = ts_column.to_numpy(zero_copy_only=False)
-            ts = parse_timestamps(ts_raw)
+            try:  # fast path: a clean column of unix seconds
+                ts = pc.cast(ts_column, pa.float64()).to_numpy(zero_copy_only=False)
+                ts = np.where(np.isfinite(ts) & (ts >= 0) & (ts <= 4102444800), ts, -1).astype(np.int64)
+                ts_raw = ts_column.to_numpy(zero_copy_only=False)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                ts_raw = ts_column.to_numpy(zero_copy_only=False)
+                ts = parse_timestamps(ts_raw)
         bad_ts = ts < 0
         rejections.add(path, "timestamp", bad_ts & keep, np.asarray(ts_raw, dtype=object), "not unix seconds or ISO-8601")
         keep &= ~bad_ts

@@ -1,0 +1,35 @@
+# The recommendation service (and, with another command, the nightly job / scheduler).
+#   docker build -t recs .
+#   docker run -e REDIS_URL=redis://redis:6379/0 -p 8000:8000 recs
+#   docker run -e REDIS_URL=... -v /data:/data recs python -m jobs.nightly --events /data/events.csv --catalog /data/catalog.csv
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    OPENBLAS_NUM_THREADS=1 \
+    MODEL_CACHE_DIR=/var/cache/recs-models \
+    PORT=8000
+
+# annoy compiles from source; build tools are removed after install.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential curl \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /srv
+COPY requirements.txt .
+# The CPU build of torch (the default index would pull a multi-GB CUDA build).
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && pip install -r requirements.txt \
+ && apt-get purge -y build-essential && apt-get autoremove -y
+
+COPY app ./app
+COPY models ./models
+COPY jobs ./jobs
+COPY gunicorn.conf.py .
+
+RUN useradd --system --uid 10001 recs && mkdir -p /var/cache/recs-models && chown recs /var/cache/recs-models
+USER recs
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=2s CMD curl -fs http://localhost:${PORT}/healthz || exit 1
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]

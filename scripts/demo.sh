@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# make demo: Redis (REDIS_URL, else localhost:6379, started if nothing answers),
+# demo data, the nightly job, then the service on PORT with a ready-to-paste curl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+PORT="${PORT:-8000}"
+DATA=var/demo
+mkdir -p var
+
+if [ -z "${REDIS_URL:-}" ]; then
+  export REDIS_URL="redis://localhost:6379/0"
+  if ! $PY -c "import redis,sys; sys.exit(0 if redis.Redis(socket_connect_timeout=1).ping() else 1)" 2>/dev/null; then
+    scripts/ensure-redis-server.sh
+    mkdir -p var/redis
+    echo "starting a local redis-server on 6379 (data and AOF in var/redis)"
+    redis-server --port 6379 --bind 127.0.0.1 --dir "$PWD/var/redis" --appendonly yes --daemonize yes \
+      --logfile "$PWD/var/redis/redis.log" >/dev/null
+    for _ in $(seq 50); do
+      $PY -c "import redis; redis.Redis().ping()" 2>/dev/null && break
+      sleep 0.1
+    done
+  fi
+fi
+echo "Redis: ${REDIS_URL%%@*}@…" | sed 's/@…$//'
+
+if [ ! -f "$DATA/events.csv" ]; then
+  $PY -m jobs.make_demo_data --out "$DATA"
+fi
+$PY -m jobs.nightly --events "$DATA/events.csv" --catalog "$DATA/catalog.csv"
+
+USER_ID=$(sed -n '2p' "$DATA/events.csv" | cut -d, -f1)
+export PORT
+.venv/bin/gunicorn -c gunicorn.conf.py 'app:create_app()' &
+GUNICORN=$!
+trap 'kill $GUNICORN 2>/dev/null' INT TERM EXIT
+for _ in $(seq 100); do
+  curl -fs "http://localhost:$PORT/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+cat <<MSG
+
+The service is up on port $PORT. Try:
+
+  curl 'http://localhost:$PORT/recommend?user=$USER_ID&k=5'
+
+Press Ctrl-C to stop.
+MSG
+wait $GUNICORN

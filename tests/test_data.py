@@ -1,0 +1,93 @@
+"""The data contract: what the loader accepts, rejects, and how it says so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.data import DataError, load_catalog, load_events
+from tests.conftest import write_csv
+
+
+def test_catalog_optional_columns_may_be_blank(tiny_catalog):
+    catalog, report = load_catalog(tiny_catalog)
+    assert list(catalog.item_ids) == ["a", "b", "c"]
+    items = catalog.items.set_index("item_id")
+    assert items.loc["a", "genres"] == ["Comedy", "Drama"]
+    assert np.isnan(items.loc["b", "year"])
+    assert np.isnan(items.loc["c", "seasons"])
+    assert report.rejected_total == 0
+
+
+def test_missing_required_column_names_file_and_column(tmp_path, tiny_catalog):
+    path = write_csv(tmp_path / "events.csv", "user_id,item_id\nu1,a\n")
+    catalog, _ = load_catalog(tiny_catalog)
+    with pytest.raises(DataError) as err:
+        load_events(path, catalog)
+    message = str(err.value)
+    assert "events.csv" in message and "'timestamp'" in message
+
+
+def test_unparsable_values_fail_with_file_column_and_lines(tmp_path, tiny_catalog):
+    rows = ["user_id,item_id,timestamp,watch_seconds"] + [f"u{i},a,1700000000,100" for i in range(20)]
+    rows[3] = "u2,a,yesterday,100"
+    rows[7] = "u6,a,1700000000,-5"
+    path = write_csv(tmp_path / "events.csv", "\n".join(rows) + "\n")
+    catalog, _ = load_catalog(tiny_catalog)
+    with pytest.raises(DataError) as err:
+        load_events(path, catalog)
+    message = str(err.value)
+    assert "column 'timestamp'" in message and "lines 4" in message and "'yesterday'" in message
+    assert "column 'watch_seconds'" in message and "lines 8" in message
+    assert "nothing was published" in message
+
+
+def test_a_small_share_of_bad_rows_is_rejected_and_counted(tmp_path, tiny_catalog):
+    rows = ["user_id,item_id,timestamp"] + [f"u{i % 7},{'abc'[i % 3]},{1700000000 + i}" for i in range(300)]
+    rows[10] = "u1,a,not-a-time"
+    path = write_csv(tmp_path / "events.csv", "\n".join(rows) + "\n")
+    catalog, _ = load_catalog(tiny_catalog)
+    events, report = load_events(path, catalog)
+    assert len(events) == 299
+    assert report.rows_rejected == {"timestamp: not unix seconds or ISO-8601": 1}
+
+
+def test_unknown_titles_are_counted_and_reported(tmp_path, tiny_catalog):
+    path = write_csv(
+        tmp_path / "events.csv",
+        "user_id,item_id,timestamp\nu1,a,1700000000\nu1,zzz,1700000001\nu2,zzz,1700000002\nu2,b,2023-11-14T22:13:20Z\n",
+    )
+    catalog, _ = load_catalog(tiny_catalog)
+    events, report = load_events(path, catalog)
+    assert len(events) == 2
+    assert report.unknown_items == 2 and report.unknown_item_examples == ["zzz"]
+    assert sorted(events.timestamp.tolist()) == [1700000000, 1700000000]  # ISO-8601 parsed to the same second
+
+
+def test_extra_columns_ignored_and_parquet_glob(tmp_path, tiny_catalog):
+    catalog, _ = load_catalog(tiny_catalog)
+    for day in (1, 2):
+        pd.DataFrame(
+            {"user_id": ["u1", "u2"], "item_id": ["a", "c"], "timestamp": [1700000000 + day] * 2, "device": ["tv", "phone"]}
+        ).to_parquet(tmp_path / f"events-{day}.parquet")
+    events, report = load_events(str(tmp_path / "events-*.parquet"), catalog)
+    assert len(events) == 4 and len(report.files) == 2
+    assert list(events.user_ids) == ["u1", "u2"]
+    assert np.isnan(events.watch_seconds).all()
+
+
+def test_wrong_delimiter_and_encoding_are_clear(tmp_path, tiny_catalog):
+    catalog, _ = load_catalog(tiny_catalog)
+    semicolons = write_csv(tmp_path / "events.csv", "user_id;item_id;timestamp\nu1;a;1700000000\n")
+    with pytest.raises(DataError, match="not comma-separated"):
+        load_events(semicolons, catalog)
+    latin = tmp_path / "catalog.csv"
+    latin.write_bytes("item_id,title\nx,Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="catalog.csv"):
+        load_catalog(latin)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope.csv: no such file"):
+        load_catalog(tmp_path / "nope.csv")

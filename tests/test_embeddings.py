@@ -1,0 +1,59 @@
+"""Embeddings: collaborative + content; a title nobody watched lands among its genre."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from models.data import load_catalog, load_events
+from models.embeddings import ModelParams, learn_embeddings
+
+
+def test_content_only_title_lands_near_titles_of_its_genre(demo_files, tmp_path):
+    catalog_frame = pd.read_csv(demo_files["catalog"], dtype=str, keep_default_na=False)
+    genre_counts = Counter(g for text in catalog_frame["genres"] for g in text.split("|") if g)
+    genre = genre_counts.most_common(3)[-1][0]  # a common genre, but not the most common
+    template = catalog_frame[catalog_frame["genres"] == genre].iloc[0].to_dict()
+    new_titles = []
+    for n in range(3):
+        new_titles.append({**template, "item_id": f"new-{n}", "title": f"Brand New Show {n}"})
+    path = tmp_path / "catalog.csv"
+    pd.concat([catalog_frame, pd.DataFrame(new_titles)]).to_csv(path, index=False)
+
+    catalog, _ = load_catalog(path)
+    events, _ = load_events(demo_files["events"], catalog)
+    embeddings = learn_embeddings(events, catalog, ModelParams(), show_progress=False)
+    unit = embeddings.vectors / np.linalg.norm(embeddings.vectors, axis=1, keepdims=True)
+    genres = catalog.items["genres"].tolist()
+    base_rate = np.mean([genre in g for g in genres[: -len(new_titles)]])
+    for n in range(len(new_titles)):
+        row = catalog.index[f"new-{n}"]
+        assert embeddings.viewers[row] == 0
+        sims = unit @ unit[row]
+        sims[len(catalog) - len(new_titles) :] = -np.inf  # only compare with existing titles
+        nearest = np.argsort(-sims)[:10]
+        share = np.mean([genre in genres[i] for i in nearest])
+        assert share >= 0.7, (genre, share, base_rate)
+        assert share > 2 * base_rate
+
+
+def test_watch_time_and_recency_shape_confidence(tiny_catalog, tmp_path):
+    from models.embeddings import event_weights
+
+    catalog, _ = load_catalog(tiny_catalog)
+    path = tmp_path / "events.csv"
+    day = 86400
+    path.write_text(
+        "user_id,item_id,timestamp,watch_seconds\n"
+        f"u1,a,{1700000000 + 100 * day},1800\n"  # full 30-minute episode, newest
+        f"u1,a,{1700000000 + 100 * day},180\n"  # abandoned after 3 minutes
+        f"u1,b,{1700000000},2700\n"  # full, 100 days older
+        f"u1,c,{1700000000 + 100 * day},\n"  # unknown watch time counts as full
+    )
+    events, _ = load_events(path, catalog)
+    weights = event_weights(events, catalog, ModelParams(recency_half_life_days=50, recency_floor=0.0))
+    assert weights[0] == 1.0 and abs(weights[1] - 0.1) < 1e-6
+    assert abs(weights[2] - 0.25) < 1e-6
+    assert weights[3] == 1.0

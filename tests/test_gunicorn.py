@@ -1,0 +1,110 @@
+"""Through real gunicorn (2 workers): a new version is published while requests flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def start_gunicorn(redis_url: str, prefix: str, cache: Path, workers: int = 2) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        REDIS_PREFIX=prefix,
+        MODEL_CACHE_DIR=str(cache),
+        MODEL_POLL_SECONDS="0.5",
+        PORT=str(port),
+        HOST="127.0.0.1",
+        WEB_CONCURRENCY=str(workers),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if get(f"{base}/readyz")[0] == 200:
+                return process, base
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("gunicorn did not become ready in 60 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_publish_while_requests_flow_fails_nothing(redis_server, store, trained_demo, tmp_path):
+    first = store.publish(trained_demo.parts, trained_demo.meta)
+    process, base = start_gunicorn(redis_server.url, store.keys.prefix, tmp_path / "cache")
+    users = json.loads(trained_demo.parts["users.json"])[:50]
+    results: list[tuple[int, str | None]] = []
+    stop_flag = threading.Event()
+
+    def client_loop(offset: int) -> None:
+        n = offset
+        while not stop_flag.is_set() and len(results) < 20000:
+            status, body = get(f"{base}/recommend?user={users[n % len(users)]}&k=10")
+            results.append((status, body.get("model_version")))
+            n += 1
+
+    try:
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        second = store.publish(trained_demo.parts, trained_demo.meta)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if results and all(v == second for _, v in results[-20:]):
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+        stop_flag.set()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        stop_flag.set()
+        stop(process)
+    statuses = [s for s, _ in results]
+    versions = [v for _, v in results]
+    assert len(results) > 100
+    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    assert versions[0] == first and versions[-1] == second
+    # Each worker switched once and never went back.
+    assert versions.index(second) > 0
