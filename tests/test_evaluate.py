@@ -1,0 +1,91 @@
+"""The shared evaluation: split, metrics (checked by hand), selection and cold start."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from models.data import Events
+from models.evaluate import holdout_split, popularity_ranking, ranking_metrics, recommend_popular
+
+
+def make_events(pairs: list[tuple[int, int, int]]) -> Events:
+    users, items, times = zip(*pairs)
+    n_users = max(users) + 1
+    return Events(
+        user_ids=np.array([f"u{i}" for i in range(n_users)], dtype=object),
+        user=np.array(users, np.int32),
+        item=np.array(items, np.int32),
+        timestamp=np.array(times, np.int64),
+        watch_seconds=np.full(len(users), np.nan, np.float32),
+    )
+
+
+def test_metrics_by_hand():
+    recs = [[1, 2, 3], [4, 5, 6]]
+    truth = [{1, 3, 9}, {7}]
+    m = ranking_metrics(recs, truth, k=3, n_items=10)
+    dcg = 1 + 1 / math.log2(4)
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert m["ndcg@3"] == pytest.approx((dcg / idcg + 0) / 2)
+    assert m["precision@3"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["recall@3"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["map@3"] == pytest.approx(((1 + 2 / 3) / 3 + 0) / 2)
+    assert m["coverage"] == pytest.approx(6 / 10)
+    assert m["users"] == 2
+
+
+def test_users_without_held_out_titles_are_not_scored():
+    m = ranking_metrics([[1], [2]], [{1}, set()], k=1, n_items=3)
+    assert m["users"] == 1 and m["ndcg@1"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["random", "temporal"])
+def test_holdout_split_per_user(mode):
+    rng = np.random.default_rng(0)
+    pairs = []
+    for user in range(50):
+        for item in rng.choice(100, size=rng.integers(1, 30), replace=False):
+            for repeat in range(rng.integers(1, 3)):  # repeated viewings of one title
+                pairs.append((user, int(item), int(rng.integers(0, 10**6))))
+    events = make_events(pairs)
+    train = holdout_split(events, 0.25, mode, seed=1)
+    for user in range(50):
+        mine = events.user == user
+        train_items = set(events.item[mine & train].tolist())
+        test_items = set(events.item[mine & ~train].tolist())
+        distinct = len(train_items | test_items)
+        assert not train_items & test_items, "a title's viewings must not straddle the split"
+        expected = 0 if distinct < 2 else int(np.floor(distinct * 0.25 + 0.5))
+        assert len(test_items) == expected
+        if mode == "temporal" and test_items and train_items:
+            last = {i: events.timestamp[mine & (events.item == i)].max() for i in train_items | test_items}
+            assert min(last[i] for i in test_items) >= max(last[i] for i in train_items)
+
+
+def test_popularity_baseline_counts_viewers_not_viewings():
+    events = make_events([(0, 1, 0)] * 5 + [(0, 2, 0), (1, 2, 0)])  # title 1 binged by one user
+    ranking = popularity_ranking(events, 3)
+    assert list(ranking[:2]) == [2, 1]
+    assert recommend_popular(ranking, {2}, 2) == [1, 0]
+
+
+@pytest.mark.slow
+def test_selection_and_cold_start_on_demo_data(demo_files):
+    from models.data import load_catalog, load_events
+    from models.embeddings import ModelParams
+    from models.offline import cold_start_evaluation, select_params
+
+    catalog, _ = load_catalog(demo_files["catalog"])
+    events, _ = load_events(demo_files["events"], catalog)
+    base = ModelParams(content_steps=100)
+    best, trials = select_params(events, catalog, base, budget=15.0)
+    assert trials[0]["params"] == {} and len(trials) >= 2
+    winner = max(trials, key=lambda t: t["ndcg@10"])
+    assert all(getattr(best, name) == value for name, value in winner["params"].items())
+    # 300 titles: top-15 is 5 % of the catalogue, like top-50 of 1,000.
+    cold = cold_start_evaluation(events, catalog, base, k=15)
+    assert cold["titles_held_out"] > 0 and cold["pairs"] > 0
+    assert cold["lift"] >= 3.0, cold
