@@ -33,7 +33,7 @@ class ModelParams:
     factors: int = 64  # embedding size: more fits more taste detail, costs memory and time
     regularization: float = 0.05  # ALS L2 penalty; larger = smoother, more popular-leaning
     iterations: int = 15  # ALS sweeps; 10-20 is usually converged
-    alpha: float = 2.0  # confidence scale: c = 1 + alpha * log1p(weighted views / eps)
+    alpha: float = 2.0  # confidence: c = 1 + alpha * log1p(weighted views / eps); 0 = binary
     eps: float = 1.0  # views below eps count little; above, log-scaled (binges do not dominate)
     recency_half_life_days: float = 120.0  # older viewings fade to recency_floor; 0 disables
     recency_floor: float = 0.35
@@ -90,7 +90,7 @@ def confidence_matrix(events: Events, catalog: Catalog, params: ModelParams) -> 
     n_users, n_items = len(events.user_ids), len(catalog)
     summed = sp.csr_matrix((weights, (events.user, events.item)), shape=(n_users, n_items), dtype=np.float32)
     summed.sum_duplicates()
-    summed.data = (params.alpha * np.log1p(summed.data / params.eps)).astype(np.float32)
+    summed.data = (1.0 + params.alpha * np.log1p(summed.data / params.eps)).astype(np.float32)
     return summed
 
 

@@ -31,13 +31,20 @@ $PY -m jobs.nightly --events "$DATA/events.csv" --catalog "$DATA/catalog.csv"
 
 USER_ID=$(sed -n '2p' "$DATA/events.csv" | cut -d, -f1)
 export PORT
+if $PY -c "import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(('127.0.0.1', int(sys.argv[1]))) == 0 else 1)" "$PORT"; then
+  echo "error: port $PORT is already in use; run with another, e.g. PORT=8001 make demo" >&2
+  exit 1
+fi
 .venv/bin/gunicorn -c gunicorn.conf.py 'app:create_app()' &
 GUNICORN=$!
 trap 'kill $GUNICORN 2>/dev/null' INT TERM EXIT
-for _ in $(seq 100); do
-  curl -fs "http://localhost:$PORT/readyz" >/dev/null 2>&1 && break
+ready=""
+for _ in $(seq 150); do
+  kill -0 $GUNICORN 2>/dev/null || { echo "error: gunicorn exited; see the log above" >&2; exit 1; }
+  if curl -fs "http://localhost:$PORT/readyz" >/dev/null 2>&1; then ready=1; break; fi
   sleep 0.2
 done
+[ -n "$ready" ] || { echo "error: the service did not become ready in 30 s" >&2; exit 1; }
 cat <<MSG
 
 The service is up on port $PORT. Try:
