@@ -2,6 +2,7 @@
 #   docker build -t recs .
 #   docker run -e REDIS_URL=redis://redis:6379/0 -p 8000:8000 recs
 #   docker run -e REDIS_URL=... -v /data:/data recs python -m jobs.nightly --events /data/events.csv --catalog /data/catalog.csv
+#   docker run -e REDIS_URL=... -e EVENTS_PATH='/data/events/*.parquet' -e CATALOG_PATH=/data/catalog.csv -v /data:/data recs python -m jobs.scheduler
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: venv demo serve test lint format bench bench-quality clean
+.PHONY: venv demo serve scheduler test lint format bench bench-quality clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ demo: venv
 
 serve: venv
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
+
+scheduler: venv
+	$(PY) -m jobs.scheduler
 
 test: venv
 	scripts/ensure-redis-server.sh

@@ -19,3 +19,33 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
+
+# -- metrics from every worker, pooled (prometheus-client multiprocess mode; see app/metrics.py) --
+# Set here, in the master, so every worker inherits it before it imports prometheus_client.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_own_metrics_dir = None
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _own_metrics_dir = tempfile.mkdtemp(prefix="recs-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
+
+
+def on_starting(server):
+    # Values left by a previous server in a folder you gave would be added to this one's.
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)

@@ -6,6 +6,9 @@ Configuration comes from the environment (defaults work on a laptop):
 ``REDIS_PREFIX``         key prefix (recs)
 ``MODEL_CACHE_DIR``      local folder for memory-mapped model files, shared by workers
 ``MODEL_POLL_SECONDS``   how often a worker re-checks the live pointer (2)
+``ADMIN_TOKEN``          secret that signs operators in to /admin (unset: the dashboard is off)
+``SECRET_KEY``           signs session cookies (default: derived from ADMIN_TOKEN, see app.admin)
+``PROMETHEUS_MULTIPROC_DIR`` where gunicorn workers pool their metrics (see app.metrics)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def default_config() -> dict:
         "MODEL_POLL_SECONDS": float(os.environ.get("MODEL_POLL_SECONDS", "2")),
         "MODEL_WATCHER": True,  # tests turn the background thread off and call refresh()
         "MAX_CONTENT_LENGTH": int(os.environ.get("MAX_BODY_BYTES", str(1 << 20))),
+        "DEBUG": False,  # Flask would take FLASK_DEBUG from the environment; production never debugs
     }
 
 
@@ -47,7 +51,17 @@ def create_app(config: dict | None = None) -> Flask:
         live.start()
 
     from app.api import api
+    from app.events import events_api, init_events
+    from app.openapi import openapi_api
 
+    init_events(app)
     app.register_blueprint(api)
+    app.register_blueprint(events_api)
+    app.register_blueprint(openapi_api)
+    from app.admin import init_admin
+    from app.metrics import init_metrics
+
+    init_metrics(app)  # request counters and /metrics
+    init_admin(app)  # /admin (off unless ADMIN_TOKEN is set)
     register_error_handlers(app)
     return app

@@ -19,10 +19,14 @@ from pathlib import Path
 
 import redis
 
+from models.live_events import EventLog, fresh_overlay
 from models.recommender import Recommender
 from models.store import ModelError, ModelStore
 
 log = logging.getLogger(__name__)
+
+# After a failed overlay read, requests skip Redis for this long (no connect timeout per request).
+FRESH_RETRY_SECONDS = 1.0
 
 
 class LiveModel:
@@ -34,6 +38,8 @@ class LiveModel:
         self.redis_ok = True
         self.last_error: str | None = None
         self.refused: dict[str, str] = {}  # version -> why it was refused
+        self.events: EventLog | None = None  # set by app.events.init_events (short-timeout client)
+        self._fresh_retry_at = 0.0
         self._switch_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -45,8 +51,25 @@ class LiveModel:
         return current.version if current is not None else None
 
     def fresh_history(self, model: Recommender, user_id: str):
-        """(items, weights) of events accepted since ``model`` was built, or (None, None)."""
-        return None, None
+        """(items, weights) of events accepted since ``model`` was built, or (None, None).
+
+        One HGET of the user's overlay field (see models.live_events). When
+        Redis fails, the request goes on without fresh history and the next
+        ``FRESH_RETRY_SECONDS`` of requests do not try, so an outage costs no
+        latency; the first read that works again marks Redis reachable.
+        """
+        events = self.events
+        if events is None or time.monotonic() < self._fresh_retry_at:
+            return None, None
+        try:
+            raw = events.fresh_raw(user_id)
+        except redis.RedisError as exc:
+            self._fresh_retry_at = time.monotonic() + FRESH_RETRY_SECONDS
+            self._mark_redis_down(exc)
+            return None, None
+        if not self.redis_ok:
+            self.redis_ok = True
+        return fresh_overlay(model, raw)
 
     def refresh(self) -> bool:
         """Load the live version if it differs from the one served. True if it switched."""

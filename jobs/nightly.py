@@ -5,8 +5,12 @@
 Redis comes from ``REDIS_URL`` (default ``redis://localhost:6379/0``). Every
 step runs before anything is written to Redis except the final publish, and
 the publish switches the live pointer only after the complete version is
-stored, so a failure anywhere leaves the live model untouched. Exit codes:
-0 published, 1 failed, 2 bad input data.
+stored, so a failure anywhere leaves the live model untouched. A publishing
+run goes through :mod:`jobs.runs`: it takes the job lock, is recorded in
+Redis, and the new version goes live only if it passes the quality gate
+(``--force`` overrides). Exit codes: 0 published and live, 1 failed, 2 bad
+input data, 3 kept but rejected by the quality gate, 4 another run holds the lock,
+143 stopped by SIGTERM (recorded as failed, lock released).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from models.build import build_parts, npy_bytes, open_parts, precompute_candidates
+from models.build import build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
 from models.embeddings import ModelParams, learn_embeddings
+from models.offline import cold_start_evaluation, select_params
 from models.evaluate import holdout_split, popularity_ranking, ranking_metrics, recommend_popular
+from models.live_events import take_for_job
+from models.progress import report
 from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
 
 log = logging.getLogger("jobs.nightly")
@@ -48,6 +55,16 @@ class NightlyConfig:
     max_rejected_share: float = DEFAULT_MAX_REJECTED_SHARE
     params: ModelParams = field(default_factory=ModelParams)
     show_progress: bool = True
+    select: bool = True  # tune hyperparameters on a validation split (needs evaluate)
+    selection_budget: float | None = None  # seconds; None = grows with the data
+    cold_start: bool = True  # measure how well content alone places held-out titles
+    live_events: bool = True  # also train on the events stream (POST /events), see models.live_events
+    activate: bool = True  # False: publish without moving the live pointer (jobs.runs applies the quality gate)
+    # Used by the recorded path (jobs.runs): who started the run, its id, and the quality gate.
+    trigger: str = "cli"
+    run_id: str | None = None
+    force: bool = False
+    gate_tolerance: float = float(os.environ.get("GATE_TOLERANCE", "0.01"))
 
 
 @dataclass
@@ -94,9 +111,18 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     if store is not None:
         store.redis.ping()  # fail before hours of work, not after
 
+    report("load", 0, 1)
     started = time.perf_counter()
+    events_spec, live_info = config.events, None
+    live_dir = tempfile.TemporaryDirectory(prefix="live-events-")
+    if store is not None and config.live_events:
+        # Snapshot before loading: events accepted from now on belong to the next run.
+        live_info, stream_file = take_for_job(store, live_dir.name)
+        if stream_file is not None:
+            events_spec = f"{config.events},{stream_file}"
     catalog, catalog_report = load_catalog(config.catalog, config.max_rejected_share)
-    events, events_report = load_events(config.events, catalog, config.max_rejected_share)
+    events, events_report = load_events(events_spec, catalog, config.max_rejected_share)
+    live_dir.cleanup()
     timings["load"] = time.perf_counter() - started
     log.info(
         "loaded %d titles, %d events from %d users (%d rows rejected, %d events for unknown titles)",
@@ -104,13 +130,25 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     )
 
     evaluation = None
+    selection: list[dict] = []
     if config.evaluate:
+        report("evaluate", 0, 1)
         started = time.perf_counter()
         train_mask = holdout_split(events, config.holdout, config.split, seed=params.seed)
-        evaluation = evaluate_params(
-            events.subset(train_mask), events.subset(~train_mask), catalog, params, config.show_progress
-        )
+        train = events.subset(train_mask)
+        if config.select:
+            # Tuned on a validation split of the training part only: the holdout stays unseen.
+            report("select", 0, 1)
+            selected_at = time.perf_counter()
+            params, selection = select_params(train, catalog, params, config.split, config.selection_budget, params.seed)
+            timings["select"] = time.perf_counter() - selected_at
+        evaluation = evaluate_params(train, events.subset(~train_mask), catalog, params, config.show_progress)
         evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
+        if config.cold_start:
+            report("cold_start", 0, 1)
+            cold_at = time.perf_counter()
+            evaluation["cold_start"] = cold_start_evaluation(train, catalog, params, seed=params.seed)
+            timings["cold_start"] = time.perf_counter() - cold_at
         timings["evaluate"] = time.perf_counter() - started
         log.info(
             "holdout nDCG@%d %.4f (popularity %.4f), recall@%d %.4f, coverage %.3f",
@@ -118,11 +156,13 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
             EVAL_K, evaluation["model"][f"recall@{EVAL_K}"], evaluation["model"]["coverage"],
         )
 
+    report("train", 0, 1)
     started = time.perf_counter()
     embeddings = learn_embeddings(events, catalog, params, show_progress=config.show_progress)
     timings.update({f"train_{k}": v for k, v in embeddings.timings.items()})
     timings["train"] = time.perf_counter() - started
 
+    report("index", 0, 1)
     started = time.perf_counter()
     parts = build_parts(catalog, events, embeddings, params)
     timings["index"] = time.perf_counter() - started
@@ -135,9 +175,11 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         candidates, scores = precompute_candidates(
             recommender, seen, all_users, params.candidates, show_progress=config.show_progress
         )
+        because = candidate_reasons(recommender, all_users, candidates)  # so requests only look them up
         recommender.close()
     parts["candidates.npy"] = npy_bytes(candidates)
     parts["candidate_scores.npy"] = npy_bytes(scores)
+    parts["candidate_because.npy"] = npy_bytes(because)
     timings["candidates"] = time.perf_counter() - started
 
     meta = {
@@ -152,13 +194,17 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         },
         "inputs": {"events": events_report.as_dict(), "catalog": catalog_report.as_dict()},
         "params": params.as_dict(),
+        "selection": selection,
         "metrics": evaluation,
         "timings": timings,
     }
+    if live_info is not None:
+        meta["live_events"] = live_info  # goes live with the version, atomically (exactly-once)
     version = None
     if config.publish:
+        report("publish", 0, 1)
         started = time.perf_counter()
-        version = store.publish(parts, meta, keep=config.keep)
+        version = store.publish(parts, meta, activate=config.activate, keep=config.keep)
         timings["publish"] = time.perf_counter() - started
         meta["model_version"] = version
     return NightlyResult(version=version, meta=meta, timings=timings, parts=parts)
@@ -184,6 +230,16 @@ def print_summary(result: NightlyResult, out=sys.stdout) -> None:
         print(f"holdout ({metrics['split']}, {metrics['holdout']:.0%}, {m['users']} users):", file=out)
         for name in ("ndcg@10", "precision@10", "recall@10", "map@10", "coverage"):
             print(f"  {name:<13} model {m[name]:.4f}   popularity {p[name]:.4f}", file=out)
+        cold = metrics.get("cold_start")
+        if cold:
+            print(
+                f"  cold start: {cold['titles_held_out']} titles placed by content alone, hit rate@{cold['k']} "
+                f"{cold['hit_rate']:.4f} vs random {cold['random_hit_rate']:.4f} ({cold['lift']:.1f}x)",
+                file=out,
+            )
+    if meta.get("selection"):
+        best = max(meta["selection"], key=lambda t: t["ndcg@10"])
+        print(f"selection: {len(meta['selection'])} trials on a validation split, best {best['ndcg@10']:.4f}", file=out)
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), file=out)
 
 
@@ -196,10 +252,17 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
     parser.add_argument("--split", choices=("random", "temporal"), default="temporal", help="holdout: each user's random or most recent titles")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of each user's titles held out for evaluation")
     parser.add_argument("--no-eval", action="store_true", help="skip the holdout evaluation (faster, no metrics)")
+    parser.add_argument("--no-select", action="store_true", help="skip hyperparameter selection; use the given parameters")
+    parser.add_argument("--selection-budget", type=float, default=None, help="seconds for selection (default grows with the data)")
     parser.add_argument("--dry-run", action="store_true", help="do everything except publishing")
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions kept in Redis for rollback")
     parser.add_argument("--max-rejected-share", type=float, default=DEFAULT_MAX_REJECTED_SHARE, help="fail if more than this share of rows break the contract")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    parser.add_argument("--no-live-events", action="store_true", help="train on the files only, not on the events stream of POST /events")
+    parser.add_argument("--force", action="store_true", help="make the new version live even if the quality gate rejects it")
+    parser.add_argument("--gate-tolerance", type=float, default=float(os.environ.get("GATE_TOLERANCE", "0.01")), help="quality gate: the new version goes live unless its holdout nDCG@10 is lower than the live one's by more than this (env GATE_TOLERANCE)")
+    parser.add_argument("--trigger", choices=("cli", "scheduled", "manual"), default="cli", help="who started this run, kept in its run record (the scheduler passes scheduled/manual)")
+    parser.add_argument("--run-id", default=None, help="record under this run id (the scheduler passes the id of a queued run)")
     defaults = ModelParams()
     for f in fields(ModelParams):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None, help=f"model parameter (default {getattr(defaults, f.name)})")
@@ -215,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
         redis_url=args.redis_url,
         prefix=args.prefix,
         evaluate=not args.no_eval,
+        select=not args.no_select,
+        selection_budget=args.selection_budget,
         split=args.split,
         holdout=args.holdout,
         publish=not args.dry_run,
@@ -222,12 +287,22 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
         max_rejected_share=args.max_rejected_share,
         params=ModelParams(**overrides),
         show_progress=not args.quiet,
+        live_events=not args.no_live_events,
+        trigger=args.trigger,
+        run_id=args.run_id,
+        force=args.force,
+        gate_tolerance=args.gate_tolerance,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    if config.publish:
+        # Publishing runs are recorded, locked and gated (jobs.runs); a dry run touches no Redis.
+        from jobs.runs import run_from_cli
+
+        return run_from_cli(config)
     try:
         result = run_nightly(config)
     except DataError as exc:

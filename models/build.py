@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import orjson
 import scipy.sparse as sp
 from annoy import AnnoyIndex
+import torch
+from threadpoolctl import threadpool_limits
 
 from models.data import Catalog, Events
 from models.embeddings import Embeddings, ModelParams
-from models.recommender import Recommender
+from models.recommender import BECAUSE_HISTORY, Recommender
 from models.progress import progress
 
 log = logging.getLogger(__name__)
 
 POPULAR_SIZE = 1000
+BATCH_ENTRIES = 131_072  # users x padded history length per batched solve (~64 MB of float64 vectors)
+MAX_BATCH_USERS = 2048
+SCORE_BLOCK_ENTRIES = 8_000_000  # users x titles scored at once (32 MB of float32 per thread)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -132,26 +139,99 @@ def open_parts(parts: dict[str, bytes], meta: dict, folder: Path) -> Recommender
 
 
 def precompute_candidates(
-    recommender: Recommender, seen: sp.csr_matrix, users: np.ndarray, size: int, show_progress: bool = True
+    recommender: Recommender,
+    seen: sp.csr_matrix,
+    users: np.ndarray,
+    size: int,
+    show_progress: bool = True,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``size`` unseen titles for each user in ``users`` (row order of ``seen``).
+    """Top ``size`` unseen titles for each user in ``users`` (row order of ``seen``), best first.
 
-    Uses the same user step and Annoy query as a live request; ``seen`` holds
-    each user's full training history, which is excluded.
+    The user step is the live request's (:meth:`Recommender.user_vectors`);
+    ``seen`` holds each user's full training history, which is excluded. The
+    ranking is exact: one matrix product over the whole catalogue per block of
+    users. In a batch that is faster than an Annoy search per user and never
+    misses a title (Annoy's top 10 at the default search_k shared ~4% of
+    titles with the exact top 10 on the 100k-title bench data); Annoy stays
+    for live requests. Blocks run in ``threads`` (default one per core):
+    numpy and torch release the GIL.
     """
     candidates = np.full((len(users), size), -1, dtype=np.int32)
     scores = np.zeros((len(users), size), dtype=np.float32)
-    indptr, indices = recommender.hist_indptr, recommender.hist_items
-    weights = recommender.hist_weights
-    for out_row, user in enumerate(progress(users, "candidates", show=show_progress)):
-        start, end = indptr[user], indptr[user + 1]
-        if end == start:
-            continue
-        exclude = set(seen.indices[seen.indptr[user] : seen.indptr[user + 1]].tolist())
-        picked = recommender.recommend_from_history(
-            np.asarray(indices[start:end]), np.asarray(weights[start:end]), size, exclude
-        )
-        if picked:
-            candidates[out_row, : len(picked)] = [i for i, _ in picked]
-            scores[out_row, : len(picked)] = [s for _, s in picked]
+    vectors_t = np.ascontiguousarray(np.asarray(recommender.vectors, dtype=np.float32).T)
+    keep = min(size, recommender.n_items)
+    rows_per_block = max(1, SCORE_BLOCK_ENTRIES // recommender.n_items)
+
+    def fill(rows: np.ndarray) -> None:
+        queries = recommender.user_vectors(*padded_histories(recommender, users[rows]))
+        for at in range(0, len(rows), rows_per_block):
+            block = rows[at : at + rows_per_block]
+            block_scores = queries[at : at + rows_per_block] @ vectors_t  # [n, titles]
+            watched = seen[users[block]]
+            block_scores[np.repeat(np.arange(len(block)), np.diff(watched.indptr)), watched.indices] = -np.inf
+            # torch's top-k is ~10x numpy's argpartition over a 100k-title row.
+            top_scores, top = (t.numpy() for t in torch.topk(torch.from_numpy(block_scores), keep, dim=1))
+            unseen = np.isfinite(top_scores)  # a user who has seen almost everything gets fewer
+            candidates[block, :keep] = np.where(unseen, top, -1)
+            scores[block, :keep] = np.where(unseen, top_scores, 0.0)
+
+    batches = history_batches(recommender, users)
+    # One BLAS thread per worker thread: the threads already use every core.
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        for _ in progress(pool.map(fill, batches), "candidates", total=len(batches), show=show_progress):
+            pass
     return candidates, scores
+
+
+def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: np.ndarray, limit: int = 2) -> np.ndarray:
+    """The "because" titles of every precomputed candidate, [users, size, limit] (-1 padded).
+
+    Exactly what :meth:`Recommender.because` would answer at request time,
+    computed here in batches so the request path only looks them up.
+    """
+    reasons = np.full((*candidates.shape, limit), -1, dtype=np.int32)
+    for rows in history_batches(recommender, users, cap=BECAUSE_HISTORY):
+        items, _ = padded_histories(recommender, users[rows], cap=BECAUSE_HISTORY)
+        reasons[rows] = recommender.because_rows(candidates[rows], items, limit)
+    return reasons
+
+
+def history_batches(
+    recommender: Recommender, users: np.ndarray, cap: int | None = None, entries: int = BATCH_ENTRIES
+) -> list[np.ndarray]:
+    """Positions in ``users`` of those with a history, in batches of similar history length.
+
+    A batch is padded to its longest history, so sorting by length keeps the
+    padding small; ``entries`` (users x longest history) bounds its memory.
+    """
+    indptr = recommender.hist_indptr
+    lengths = indptr[users + 1] - indptr[users]
+    if cap is not None:
+        lengths = np.minimum(lengths, cap)
+    order = np.argsort(lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    sorted_lengths = lengths[order]
+    batches, start = [], 0
+    while start < len(order):
+        shortest = int(sorted_lengths[start])
+        # At most ~25% padding: the batch ends where histories get much longer.
+        end = int(np.searchsorted(sorted_lengths, max(shortest * 5 // 4, shortest + 4), side="right"))
+        end = min(end, start + MAX_BATCH_USERS, start + max(1, entries // int(sorted_lengths[end - 1])))
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+def padded_histories(recommender: Recommender, users: np.ndarray, cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Published histories (newest first) of ``users`` as [n, longest] items (-1 padded) and weights."""
+    starts = recommender.hist_indptr[users]
+    ends = recommender.hist_indptr[users + 1]
+    if cap is not None:
+        ends = np.minimum(ends, starts + cap)
+    offsets = starts[:, None] + np.arange(int((ends - starts).max(initial=0)))
+    valid = offsets < ends[:, None]
+    offsets = np.where(valid, offsets, 0)
+    items = np.where(valid, recommender.hist_items[offsets], -1)
+    weights = np.where(valid, recommender.hist_weights[offsets], 0.0).astype(np.float32)
+    return items, weights

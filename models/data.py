@@ -35,6 +35,7 @@ CATALOG_COLUMNS = ("item_id", "title")
 CATALOG_NUMERIC = ("year", "episode_minutes", "seasons", "episodes")
 DEFAULT_MAX_REJECTED_SHARE = 0.01
 MAX_ID_LENGTH = 128
+_CSV_BLOCK_BYTES = 1 << 24  # also the longest CSV row that can be read
 
 
 class DataError(ValueError):
@@ -144,14 +145,24 @@ def _read_table(path: Path, string_columns: tuple[str, ...]) -> pa.Table:
             types = {name: pa.string() for name in header}
             return pacsv.read_csv(
                 path,
-                read_options=pacsv.ReadOptions(block_size=1 << 24),
+                read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
                 convert_options=pacsv.ConvertOptions(
                     column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False
                 ),
             )
     except (pa.ArrowInvalid, pa.ArrowIOError, UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: cannot be read as {suffix.lstrip('.') or 'CSV'}: {exc}") from exc
+        raise DataError(f"{path}: cannot be read as {suffix.lstrip('.') or 'CSV'}: {_explain_read_error(exc)}") from exc
     raise DataError(f"{path}: unknown file type {suffix!r}; use .csv or .parquet")
+
+
+def _explain_read_error(exc: Exception) -> str:
+    """pyarrow's message, with what to do about the common cases in front of it."""
+    text = str(exc)
+    if "invalid UTF8" in text:
+        return f"the file is not UTF-8 text; save it as UTF-8 ({text})"
+    if "straddling object" in text or "straddles" in text:
+        return f"a row or field is larger than {_CSV_BLOCK_BYTES >> 20} MiB; such a row cannot be valid ({text})"
+    return text
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -162,7 +173,7 @@ def _csv_header(path: Path) -> list[str]:
         text = first.decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: header is not UTF-8 ({exc}); save the file as UTF-8") from exc
-    if "," not in text and ("\t" in text or ";" in text):
+    if "," not in text and ("\t" in text or ";" in text or "|" in text):
         raise DataError(f"{path}: header {text!r} is not comma-separated; the contract expects CSV with ','")
     return [name.strip().strip('"') for name in text.split(",")]
 
@@ -197,7 +208,11 @@ class _Rejections:
             return
         key = f"{column}: {problem}"
         self.report.rows_rejected[key] = self.report.rows_rejected.get(key, 0) + len(rows)
-        examples = ", ".join(repr(str(v))[:40] for v in values[rows[:3]])
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):  # only the examples become Python objects
+            shown = values.take(pa.array(rows[:3])).to_pylist()
+        else:
+            shown = values[rows[:3]]
+        examples = ", ".join(repr(str(v))[:40] for v in shown)
         self.first.append(
             (len(rows), f"{path}: column '{column}': {len(rows)} row(s) {problem} ({_row_label(path, rows)}; e.g. {examples})")
         )
@@ -210,6 +225,14 @@ class _Rejections:
                 f"{what}: {rejected} of {total} rows ({rejected / total:.1%}) break the contract, "
                 f"more than the allowed {max_share:.1%}; nothing was published.\n  {details}"
             )
+
+
+def _bad_id_mask(ids: pa.ChunkedArray) -> np.ndarray:
+    """:func:`_bad_ids` computed in Arrow: no Python string per row (20M events stay cheap)."""
+    blank = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)
+    too_long = pc.fill_null(pc.greater(pc.utf8_length(ids), MAX_ID_LENGTH), False)
+    control = pc.fill_null(pc.match_substring_regex(ids, r"[\x00-\x1f\x7f]"), False)
+    return pc.or_(pc.or_(blank, too_long), control).to_numpy(zero_copy_only=False)
 
 
 def _clean_ids(column: pa.ChunkedArray) -> np.ndarray:
@@ -233,9 +256,11 @@ def parse_timestamps(values: np.ndarray) -> np.ndarray:
     need_iso = np.isnan(out) & series.notna().to_numpy()
     if need_iso.any():
         parsed = pd.to_datetime(series[need_iso], utc=True, errors="coerce", format="ISO8601")
-        # Resolution-independent: pandas may parse to s, ms, us or ns.
-        epoch = pd.Timestamp(0, tz="UTC")
-        seconds = ((parsed - epoch) / pd.Timedelta(seconds=1)).to_numpy(dtype="float64", na_value=np.nan)
+        # Through numpy in pandas' own unit (s, ms, us or ns): subtracting an epoch Timestamp
+        # would convert to nanoseconds and overflow on a year like 1487 or 9999.
+        naive = parsed.dt.tz_convert(None).to_numpy()
+        seconds = naive.astype("datetime64[s]").astype(np.int64).astype("float64")
+        seconds[np.isnat(naive)] = np.nan
         out[need_iso] = seconds
     bad = ~np.isfinite(out) | (out < 0) | (out > 4102444800)  # before 1970 or after 2100
     result = np.where(bad, -1, out).astype(np.int64)
@@ -293,6 +318,40 @@ def load_catalog(spec: str | os.PathLike, max_rejected_share: float = DEFAULT_MA
     return Catalog(items=items, index=index), report
 
 
+def _watch_seconds_fast(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(seconds, bad) for a clean numeric column, in Arrow; None sends it to the general path.
+
+    Same rules as the general path: blank (null, or NaN in a float column) is
+    unknown, text that is not a number or a negative number is bad.
+    """
+    try:
+        seconds = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    blank = column.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
+        blank = blank | np.isnan(seconds)
+    bad = (np.isnan(seconds) & ~blank) | (seconds < 0)
+    return seconds.astype(np.float32), bad
+
+
+def _sorted_codes(parts: list[pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]:
+    """Dense codes of the ids and the unique ids in sorted order (``pd.factorize(sort=True)``).
+
+    UTF-8 byte order is code point order, so Arrow sorts as Python would.
+    """
+    chunks = [chunk for part in parts for chunk in part.chunks]
+    if not chunks:
+        return np.array([], dtype=np.int64), np.array([], dtype=object)
+    ids = pa.concat_arrays([chunk.cast(pa.large_string()) for chunk in chunks])
+    encoded = pc.dictionary_encode(ids)
+    order = pc.array_sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    codes = rank[encoded.indices.to_numpy()]
+    return codes, encoded.dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False)
+
+
 def load_events(
     spec: str | os.PathLike,
     catalog: Catalog,
@@ -314,13 +373,13 @@ def load_events(
         table = _read_table(path, ("user_id", "item_id"))
         _require(table, path, EVENT_COLUMNS)
         report.rows_read += table.num_rows
-        users = _clean_ids(table["user_id"])
+        # Ids stay Arrow strings until the end: a Python object per row costs GBs at 20M rows.
+        users = pc.utf8_trim_whitespace(table["user_id"])
         items_raw = pc.utf8_trim_whitespace(table["item_id"])
-        items = items_raw.to_numpy(zero_copy_only=False)
-        keep = ~_bad_ids(users)
+        keep = ~_bad_id_mask(users)
         rejections.add(path, "user_id", ~keep, users, "blank, too long or with control characters")
-        bad_item = _bad_ids(items)
-        rejections.add(path, "item_id", bad_item & keep, items, "blank, too long or with control characters")
+        bad_item = _bad_id_mask(items_raw)
+        rejections.add(path, "item_id", bad_item & keep, items_raw, "blank, too long or with control characters")
         keep &= ~bad_item
         ts_column = table["timestamp"]
         if pa.types.is_timestamp(ts_column.type):
@@ -331,14 +390,20 @@ def load_events(
             try:  # fast path: a clean column of unix seconds
                 ts = pc.cast(ts_column, pa.float64()).to_numpy(zero_copy_only=False)
                 ts = np.where(np.isfinite(ts) & (ts >= 0) & (ts <= 4102444800), ts, -1).astype(np.int64)
-                ts_raw = ts_column.to_numpy(zero_copy_only=False)
+                ts_raw = ts_column
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 ts_raw = ts_column.to_numpy(zero_copy_only=False)
                 ts = parse_timestamps(ts_raw)
         bad_ts = ts < 0
-        rejections.add(path, "timestamp", bad_ts & keep, np.asarray(ts_raw, dtype=object), "not unix seconds or ISO-8601")
+        ts_values = ts_raw if isinstance(ts_raw, pa.ChunkedArray) else np.asarray(ts_raw, dtype=object)
+        rejections.add(path, "timestamp", bad_ts & keep, ts_values, "not unix seconds or ISO-8601")
         keep &= ~bad_ts
-        if "watch_seconds" in table.column_names:
+        numeric_ws = _watch_seconds_fast(table["watch_seconds"]) if "watch_seconds" in table.column_names else None
+        if numeric_ws is not None:
+            ws, bad = numeric_ws
+            rejections.add(path, "watch_seconds", bad & keep, table["watch_seconds"], "not a number >= 0")
+            keep &= ~bad
+        elif "watch_seconds" in table.column_names:
             raw = pd.Series(table["watch_seconds"].to_numpy(zero_copy_only=False), dtype=object)
             blank = raw.isna() | (raw.astype(str).str.strip() == "")
             seconds = pd.to_numeric(raw.where(~blank), errors="coerce")
@@ -352,21 +417,20 @@ def load_events(
         unknown = keep & pd.isna(item_rows)
         if unknown.any():
             report.unknown_items += int(unknown.sum())
-            for example in pd.unique(items[unknown])[:5]:
+            for example in pc.unique(items_raw.filter(pa.array(unknown))).to_pylist()[:5]:
                 if len(report.unknown_item_examples) < 5:
                     report.unknown_item_examples.append(str(example))
         keep &= ~unknown
-        user_parts.append(users[keep])
+        user_parts.append(users.filter(pa.array(keep)))
         item_parts.append(np.asarray(item_rows[keep], dtype=np.int32))
         ts_parts.append(ts[keep])
         ws_parts.append(ws[keep])
         if progress is not None:
             progress(path, table.num_rows)
     rejections.check(report.rows_read, max_rejected_share, "events")
-    users = np.concatenate(user_parts) if user_parts else np.array([], dtype=object)
-    codes, uniques = pd.factorize(users, sort=True)
+    codes, user_ids = _sorted_codes(user_parts)
     events = Events(
-        user_ids=np.asarray(uniques, dtype=object),
+        user_ids=user_ids,
         user=codes.astype(np.int32),
         item=np.concatenate(item_parts).astype(np.int32),
         timestamp=np.concatenate(ts_parts).astype(np.int64),
@@ -375,3 +439,89 @@ def load_events(
     if len(events) == 0:
         raise DataError(f"{', '.join(report.files)}: no valid events (of {report.rows_read} rows read)")
     return events, report
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    """One viewing received through the API, normalised by the same rules as the files."""
+
+    user_id: str
+    item_id: str
+    timestamp: int  # unix seconds
+    watch_seconds: float | None = None
+
+
+def _finite_number(value) -> float | None:
+    """A JSON number as a finite float; None for anything else (booleans, text, 1e999)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if np.isfinite(number) else None
+
+
+def validate_event_records(records: list) -> tuple[list[LiveEvent], list[dict]]:
+    """Check events given as JSON objects (``POST /events``) against the data contract.
+
+    The rules are the file loader's: ids are trimmed strings, not blank, at
+    most ``MAX_ID_LENGTH`` characters, without control characters;
+    ``timestamp`` is unix seconds or ISO-8601 between 1970 and 2100;
+    ``watch_seconds`` is absent/null or a number >= 0; extra fields are
+    ignored. Returns the events and one ``{"index", "field", "error"}`` per
+    problem (``index`` is the 0-based position in the batch).
+    """
+    errors: list[dict] = []
+    rows: list[dict] = []
+    raw_times: list = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            errors.append({"index": index, "field": None, "error": "an event must be a JSON object"})
+            continue
+        row = {"index": index}
+        for name in ("user_id", "item_id"):
+            value = record.get(name)
+            if not isinstance(value, str):
+                problem = "is required" if value is None else "must be a string"
+                errors.append({"index": index, "field": name, "error": f"'{name}' {problem}"})
+                continue
+            value = value.strip()
+            if _bad_ids(np.array([value], dtype=object))[0]:
+                errors.append(
+                    {"index": index, "field": name,
+                     "error": f"'{name}' is blank, longer than {MAX_ID_LENGTH} characters or has control characters"}
+                )
+                continue
+            row[name] = value
+        stamp = record.get("timestamp")
+        if stamp is None:
+            errors.append({"index": index, "field": "timestamp", "error": "'timestamp' is required"})
+        elif isinstance(stamp, str) and len(stamp) <= 64:
+            row["timestamp"] = stamp
+        elif _finite_number(stamp) is not None:
+            row["timestamp"] = _finite_number(stamp)
+        else:
+            errors.append({"index": index, "field": "timestamp", "error": "'timestamp' must be unix seconds or an ISO-8601 string"})
+        seconds = record.get("watch_seconds")
+        if seconds is not None:
+            seconds = _finite_number(seconds)
+            if seconds is None or seconds < 0:
+                errors.append({"index": index, "field": "watch_seconds", "error": "'watch_seconds' must be a number >= 0"})
+            else:
+                row["watch_seconds"] = seconds
+        rows.append(row)
+        raw_times.append(row.get("timestamp"))
+    parsed = parse_timestamps(np.array(raw_times, dtype=object)) if raw_times else np.empty(0, np.int64)
+    events = []
+    for row, seconds in zip(rows, parsed.tolist(), strict=True):
+        if "timestamp" in row and seconds < 0:
+            errors.append(
+                {"index": row["index"], "field": "timestamp",
+                 "error": "'timestamp' is not unix seconds or ISO-8601 between 1970 and 2100"}
+            )
+            continue
+        if {"user_id", "item_id", "timestamp"} <= row.keys():
+            events.append(LiveEvent(row["user_id"], row["item_id"], int(seconds), row.get("watch_seconds")))
+    errors.sort(key=lambda e: e["index"])
+    return events, errors

@@ -16,6 +16,7 @@ Parts (all written by :mod:`models.build`):
 ``history_*.npy``   CSR of each user's recent titles (newest first) and confidences
 ``popular.npy``     item indices, most popular first (the fallback)
 ``candidates.npy`` / ``candidate_scores.npy``  per-user precomputed top titles (-1 padded)
+``candidate_because.npy``  [users, candidates, 2] "because" titles of each candidate (-1 padded)
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 from annoy import AnnoyIndex
+
+BECAUSE_HISTORY = 200  # most recent history titles searched for a "because"
+ANNOY_CANDIDATES = 300  # titles asked of Annoy per query before exact re-scoring
+POPULAR_CANDIDATES = 200  # most popular titles always re-scored alongside
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Recommender:
         params = self.meta.get("params", {})
         self.regularization = float(params.get("user_regularization", params.get("regularization", 0.05)))
         self.search_k = int(params.get("search_k", -1))
-        self.vectors = np.load(folder / "item_vectors.npy", mmap_mode="r")
+        self.vectors = _mapped(folder / "item_vectors.npy")
         self.gram = np.load(folder / "gram.npy")
         self.n_items, self.dim = self.vectors.shape
         norms = np.linalg.norm(self.vectors, axis=1)
@@ -56,15 +61,16 @@ class Recommender:
         self.item_index = {item_id: row for row, item_id in enumerate(self.item_ids)}
         self.user_ids: list[str] = orjson.loads((folder / "users.json").read_bytes())
         self.user_index = {user_id: row for row, user_id in enumerate(self.user_ids)}
-        self.hist_indptr = np.load(folder / "history_indptr.npy", mmap_mode="r")
-        self.hist_items = np.load(folder / "history_items.npy", mmap_mode="r")
-        self.hist_weights = np.load(folder / "history_weights.npy", mmap_mode="r")
+        self.hist_indptr = _mapped(folder / "history_indptr.npy")
+        self.hist_items = _mapped(folder / "history_items.npy")
+        self.hist_weights = _mapped(folder / "history_weights.npy")
         self.popular = np.load(folder / "popular.npy")
+        self.popular_head = self.popular[:POPULAR_CANDIDATES].tolist()
         candidates = folder / "candidates.npy"
-        self.candidates = np.load(candidates, mmap_mode="r") if candidates.is_file() else None
-        self.candidate_scores = (
-            np.load(folder / "candidate_scores.npy", mmap_mode="r") if self.candidates is not None else None
-        )
+        self.candidates = _mapped(candidates) if candidates.is_file() else None
+        self.candidate_scores = _mapped(folder / "candidate_scores.npy") if self.candidates is not None else None
+        because = folder / "candidate_because.npy"  # optional: versions published before it compute live
+        self.candidate_because = _mapped(because) if self.candidates is not None and because.is_file() else None
         self.rec_index = AnnoyIndex(self.dim, "dot")
         self.rec_index.load(str(folder / "recommend.ann"))  # mmap: shared between processes
         self.sim_index = AnnoyIndex(self.dim, "angular")
@@ -95,38 +101,74 @@ class Recommender:
         implicit ALS would place this user, so a user seen tonight and a user
         with fresh events are scored the same way.
         """
-        vh = np.asarray(self.vectors[items], dtype=np.float64)
-        confidence = np.asarray(weights, dtype=np.float64)
-        a = self.gram.astype(np.float64) + (vh.T * (confidence - 1.0)) @ vh
-        a[np.diag_indices_from(a)] += self.regularization
-        b = vh.T @ confidence
-        return np.linalg.solve(a, b).astype(np.float32)
+        return self.user_vectors(np.asarray(items)[None], np.asarray(weights)[None])[0]
+
+    def user_vectors(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """:meth:`user_vector` for many users at once: ``items`` [n, h] padded with -1.
+
+        The job solves users in batches of similar history length; padding adds
+        zero rows, so each user gets the same factor as alone.
+        """
+        vh = np.where((items >= 0)[..., None], self.vectors[np.maximum(items, 0)], 0.0).astype(np.float64)  # [n, h, d]
+        confidence = np.where(items >= 0, weights, 0.0).astype(np.float64)
+        vh_t = vh.transpose(0, 2, 1)
+        a = self.gram.astype(np.float64) + (vh_t * (confidence - 1.0)[:, None, :]) @ vh
+        a[:, np.arange(self.dim), np.arange(self.dim)] += self.regularization
+        b = vh_t @ confidence[..., None]
+        return np.linalg.solve(a, b)[..., 0].astype(np.float32)
+
+    def nearest_unseen(self, query: np.ndarray, k: int, exclude: set[int]) -> list[tuple[int, float]]:
+        """Top ``k`` titles by inner product with ``query`` through the Annoy index, minus ``exclude``.
+
+        Annoy releases the GIL while it searches, so the job runs these in threads.
+        """
+        # Annoy's trees split by direction, so high-norm vectors (popular titles, which
+        # inner-product scoring favours) are easily missed; the popular head joins the
+        # candidates and everything is re-scored exactly.
+        found = self.rec_index.get_nns_by_vector(query, max(k, ANNOY_CANDIDATES) + len(exclude), search_k=self.search_k)
+        pool = np.fromiter(
+            (i for i in dict.fromkeys([*found, *self.popular_head]) if i not in exclude), dtype=np.int64
+        )
+        if len(pool) == 0:
+            return []
+        scores = self.vectors[pool] @ np.asarray(query, dtype=self.vectors.dtype)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return list(zip(pool[top].tolist(), scores[top].tolist()))
 
     def recommend_from_history(
         self, items: np.ndarray, weights: np.ndarray, k: int, exclude: set[int] | None = None
     ) -> list[tuple[int, float]]:
         """Top ``k`` unseen titles for a history, through the Annoy index."""
         exclude = set(int(i) for i in items) if exclude is None else exclude
-        query = self.user_vector(items, weights)
-        wanted = k + len(exclude)
-        found, scores = self.rec_index.get_nns_by_vector(
-            query, wanted, search_k=self.search_k, include_distances=True
-        )
-        out = [(i, s) for i, s in zip(found, scores) if i not in exclude]
-        return out[:k]
+        return self.nearest_unseen(self.user_vector(items, weights), k, exclude)
 
     def because(self, recommended: list[int], history: np.ndarray, limit: int = 2) -> list[list[int]]:
         """For each recommended title, the history titles most similar to it (cosine)."""
         if len(history) == 0 or not recommended:
             return [[] for _ in recommended]
-        hist = np.asarray(history[:200])
-        sims = self._unit[recommended] @ self._unit[hist].T  # [k, h]
-        take = min(limit, sims.shape[1])
-        top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
-        out = []
-        for row, cols in enumerate(top):
-            cols = cols[np.argsort(-sims[row, cols])]
-            out.append([int(hist[c]) for c in cols if sims[row, c] > 0] or [int(hist[cols[0]])])
+        rows = self.because_rows(np.asarray(recommended)[None], np.asarray(history[:BECAUSE_HISTORY])[None], limit)
+        return [[t for t in row if t >= 0] for row in rows[0].tolist()]
+
+    def because_rows(self, recommended: np.ndarray, history: np.ndarray, limit: int = 2) -> np.ndarray:
+        """:meth:`because` for many users: [n, k] titles and [n, h] histories (-1 = none) -> [n, k, limit].
+
+        The most similar history title always explains; the next ones only if
+        similar at all (cosine > 0). Unused slots are -1. A few whole-array
+        numpy calls rather than several per row: on arrays this small each
+        call costs microseconds.
+        """
+        out = np.full((*recommended.shape, limit), -1, dtype=np.int32)
+        if history.shape[1] == 0:
+            return out
+        sims = self._unit[np.maximum(recommended, 0)] @ self._unit[np.maximum(history, 0)].transpose(0, 2, 1)
+        sims = np.where((history >= 0)[:, None, :], sims, -np.inf)  # [n, k, h]; padding sorts last
+        users = np.arange(len(history))[:, None]
+        for slot in range(min(limit, history.shape[1])):  # best, then next best: cheaper than a sort
+            best = sims.argmax(axis=2)  # [n, k]
+            similar = np.take_along_axis(sims, best[..., None], axis=2)[..., 0] > 0
+            keep = (similar | (slot == 0)) & (recommended >= 0)
+            out[:, :, slot] = np.where(keep, history[users, best], -1)
+            np.put_along_axis(sims, best[..., None], -np.inf, axis=2)
         return out
 
     # -- the three questions the service answers ------------------------------------
@@ -149,14 +191,18 @@ class Recommender:
             return "popular", self.popular_items(k, exclude=set())
         row = self.user_index.get(user_id)
         fresh = fresh_items is not None and len(fresh_items) > 0
+        reasons = None
         if not fresh and row is not None and self.candidates is not None and k <= self.candidates.shape[1]:
-            cands = self.candidates[row]
-            picked = [(int(i), float(s)) for i, s in zip(cands[:k], self.candidate_scores[row, :k]) if i >= 0]
+            cands = self.candidates[row, :k].tolist()
+            picked = [(i, s) for i, s in zip(cands, self.candidate_scores[row, :k].tolist()) if i >= 0]
+            if self.candidate_because is not None:
+                reasons = [[t for t in r if t >= 0] for r in self.candidate_because[row, : len(picked)].tolist()]
         else:
             picked = self.recommend_from_history(items, weights, k)
         if not picked:
             return "popular", self.popular_items(k, exclude=set(int(i) for i in items))
-        reasons = self.because([i for i, _ in picked], items)
+        if reasons is None:
+            reasons = self.because([i for i, _ in picked], items)
         recs = [Recommendation(i, s, r) for (i, s), r in zip(picked, reasons)]
         if len(recs) < k:  # tiny catalogues or heavy users: top up from the popular list
             seen = set(int(i) for i in items) | {r.item for r in recs}
@@ -177,6 +223,14 @@ class Recommender:
         found, dist = self.sim_index.get_nns_by_item(item, k + 1, include_distances=True)
         # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
         return [(i, 1.0 - d * d / 2.0) for i, d in zip(found, dist) if i != item][:k]
+
+
+def _mapped(path: Path) -> np.ndarray:
+    """A read-only memory-mapped .npy as a plain ndarray view (shared page cache, no copy).
+
+    ``np.memmap`` runs Python code on every index; the plain view does not.
+    """
+    return np.asarray(np.load(path, mmap_mode="r"))
 
 
 def merge_history(

@@ -9,6 +9,22 @@ A model *version* is a set of named binary parts plus a JSON metadata record::
     {prefix}:version:{id}:part:{name}:{n} -> bytes of part ``name``, chunk ``n``
     {prefix}:channel:live               -> pub/sub: a version id, sent after each switch
 
+Batch runs (written by :mod:`jobs.runs`, read by the dashboard)::
+
+    {prefix}:runs                       -> sorted set of kept run ids, by start time
+    {prefix}:run:{id}                   -> hash: the run record (JSON-encoded fields)
+    {prefix}:run:{id}:log               -> list: the tail of the run's log
+    {prefix}:runs:queue                 -> list: JSON run requests for the scheduler
+    {prefix}:runs:stats                 -> hash: outcome and duration counters (/metrics)
+    {prefix}:lock:nightly               -> the id of the run holding the job lock (expires)
+    {prefix}:scheduler                  -> JSON heartbeat of the scheduler process (expires)
+
+Live events (written by ``POST /events``, read by the service and the job; see
+:mod:`models.live_events`)::
+
+    {prefix}:events                     -> stream: every accepted event (u, i, t, w), never trimmed
+    {prefix}:fresh                      -> hash: user id -> that user's newest stream entries
+
 Publishing writes every part, then the metadata, and only then moves the
 pointer (one SET, atomic). A reader verifies the checksum of what it fetched
 before using it, so a half-written or corrupted version is refused and the
@@ -19,6 +35,7 @@ collide with internal keys.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import os
 import secrets
@@ -132,6 +149,18 @@ class Keys:
     def consumed_events(self) -> str:
         return f"{self.prefix}:events:consumed"
 
+    # Batch runs (jobs.runs, jobs.scheduler) and their outcome counters (app.metrics).
+    def run_log(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:log"
+
+    @property
+    def job_stats(self) -> str:
+        return f"{self.prefix}:runs:stats"
+
+    @property
+    def scheduler(self) -> str:
+        return f"{self.prefix}:scheduler"
+
 
 class ModelStore:
     """Publish, list, activate and fetch model versions in Redis."""
@@ -177,6 +206,7 @@ class ModelStore:
         if activate:
             self.activate(version)
         self.prune(keep)
+        self.drop_orphan_parts()
         return version
 
     def activate(self, version: str) -> None:
@@ -208,6 +238,29 @@ class ModelStore:
             if version == live:
                 continue
             self.delete(version)
+            dropped.append(version)
+        return dropped
+
+    def drop_orphan_parts(self, older_than: float = 3600.0) -> list[str]:
+        """Delete the parts of versions that never got metadata (a publish killed half-way).
+
+        Only versions whose id says they were created more than ``older_than``
+        seconds ago: a younger one may be a publish still in progress.
+        """
+        head = f"{self.keys.prefix}:version:"
+        found: dict[str, list[bytes]] = {}
+        for key in self.redis.scan_iter(match=f"{head}*:part:*", count=1000):
+            version = key.decode()[len(head) :].split(":part:")[0]
+            found.setdefault(version, []).append(key)
+        dropped = []
+        for version, keys in found.items():
+            try:
+                created = calendar.timegm(time.strptime(version.split("-")[0], "%Y%m%dT%H%M%SZ"))
+            except ValueError:
+                continue
+            if time.time() - created < older_than or self.redis.exists(self.keys.meta(version)):
+                continue
+            self.redis.delete(*keys)
             dropped.append(version)
         return dropped
 

@@ -3,70 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import get, start_gunicorn, stop
 
 pytestmark = pytest.mark.slow
-
-
-def get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
-def start_gunicorn(redis_url: str, prefix: str, cache: Path, workers: int = 2) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        REDIS_URL=redis_url,
-        REDIS_PREFIX=prefix,
-        MODEL_CACHE_DIR=str(cache),
-        MODEL_POLL_SECONDS="0.5",
-        PORT=str(port),
-        HOST="127.0.0.1",
-        WEB_CONCURRENCY=str(workers),
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if get(f"{base}/readyz")[0] == 200:
-                return process, base
-        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited: {process.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("gunicorn did not become ready in 60 s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 def test_publish_while_requests_flow_fails_nothing(redis_server, store, trained_demo, tmp_path):

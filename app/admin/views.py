@@ -1,0 +1,359 @@
+"""The dashboard's pages: overview, models, runs, explorer; and its two actions.
+
+Pages that change while you look at them (service health, the runs table, a
+running job) are split into HTML fragments that ``static/admin.js`` re-fetches
+every few seconds; the same fragment template renders the first view.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from flask import current_app, flash, redirect, render_template, request, url_for
+from jinja2 import Undefined
+
+from app.admin import admin
+from app.admin.auth import admin_error
+from app.admin.charts import STATUS_COLOURS, Series, bar_chart, line_chart
+from jobs.runs import ACTIVE, get_run, list_runs, lock_ttl, queue_run, queued_requests, run_log
+from jobs.scheduler import scheduler_status
+from models.recommender import merge_history
+from models.store import ModelError
+
+METRIC_NAMES = ("ndcg@10", "precision@10", "recall@10", "map@10", "coverage")
+SEARCH_LIMIT = 50
+MAX_QUERY = 128
+
+
+def live_model():
+    return current_app.extensions["live_model"]
+
+
+def store():
+    return live_model().store
+
+
+# -- template helpers ---------------------------------------------------------------------------------
+@admin.app_template_filter("when")
+def when(epoch: float | None) -> str:
+    if not epoch:
+        return "—"
+    return datetime.fromtimestamp(float(epoch)).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+@admin.app_template_filter("duration")
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+
+
+@admin.app_template_filter("size")
+def size(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@admin.app_template_filter("num")
+def num(value, digits: int = 4) -> str:
+    if value is None or isinstance(value, Undefined):  # a field a record does not have (yet)
+        return "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+@admin.app_template_filter("percent")
+def percent(value) -> str:
+    return "—" if value is None or isinstance(value, Undefined) else f"{100 * value:.1f}%"
+
+
+def run_duration(run: dict) -> float | None:
+    start = run.get("started_at")
+    if not start:
+        return None
+    return (run.get("ended_at") or time.time()) - start
+
+
+admin.add_app_template_global(run_duration, "run_duration")
+
+
+def silent_for(run: dict) -> float | None:
+    """Seconds since a 'running' run last sent a heartbeat, if that is longer than its lock lives (it died)."""
+    if run.get("status") != "running":
+        return None
+    silence = time.time() - (run.get("heartbeat_at") or run.get("started_at") or time.time())
+    return silence if silence > lock_ttl() else None
+
+
+admin.add_app_template_global(silent_for, "silent_for")
+admin.add_app_template_global(STATUS_COLOURS, "status_colours")
+
+
+def model_metrics(meta: dict | None) -> tuple[dict, dict]:
+    metrics = (meta or {}).get("metrics") or {}
+    return metrics.get("model") or {}, metrics.get("popularity") or {}
+
+
+def short_version(version: str) -> str:
+    # 20261121T225137Z-908c -> 11-21 22:51 (UTC, from the id itself)
+    try:
+        return f"{version[4:6]}-{version[6:8]} {version[9:11]}:{version[11:13]}"
+    except IndexError:
+        return version
+
+
+# -- overview -----------------------------------------------------------------------------------------
+@admin.get("/")
+def overview():
+    live_version = store().live_version()
+    meta = store().meta_or_none(live_version) if live_version else None
+    model, popularity = model_metrics(meta)
+    chart = None
+    if model:
+        chart = bar_chart(
+            "Holdout metrics of the live version",
+            list(METRIC_NAMES),
+            [
+                Series("model", [model.get(m) for m in METRIC_NAMES]),
+                Series("popularity baseline", [popularity.get(m) for m in METRIC_NAMES]),
+            ],
+        )
+    parts = (meta or {}).get("parts", {})
+    run = get_run(store(), meta["run_id"]) if meta and meta.get("run_id") else None
+    return render_template(
+        "admin/overview.html",
+        live_version=live_version,
+        serving=live_model().version,
+        meta=meta,
+        model=model,
+        popularity=popularity,
+        metrics_chart=chart,
+        index_size=sum(info["size"] for info in parts.values()),
+        ann_size=sum(parts[name]["size"] for name in ("recommend.ann", "similar.ann") if name in parts),
+        run=run,
+        recent_runs=list_runs(store(), 5),
+        scheduler=scheduler_status(store()),
+        **health_context(),
+    )
+
+
+def health_context() -> dict:
+    history = current_app.extensions["health_history"]
+    now = history.current()
+    series = history.series()
+    labels = [datetime.fromtimestamp(s["time"]).strftime("%H:%M:%S") for s in series]
+    return {
+        "health": now,
+        "rate_chart": line_chart("Requests per second", labels, [Series("requests/s", [s["rate"] for s in series])]),
+        "latency_chart": line_chart(
+            "Latency (ms)",
+            labels,
+            [Series("p50", [s["p50_ms"] for s in series]), Series("p99", [s["p99_ms"] for s in series], dashed=True)],
+            unit=" ms",
+        ),
+    }
+
+
+@admin.get("/fragments/health")
+def health_fragment():
+    return render_template("admin/_health.html", **health_context())
+
+
+# -- models -------------------------------------------------------------------------------------------
+@admin.get("/models")
+def models():
+    versions = store().versions()  # newest first
+    oldest_first = list(reversed(versions))
+    labels = [short_version(v["model_version"]) for v in oldest_first]
+    chart = line_chart(
+        "Holdout metrics across versions (oldest → newest)",
+        labels,
+        [
+            Series("nDCG@10", [model_metrics(v)[0].get("ndcg@10") for v in oldest_first]),
+            Series("recall@10", [model_metrics(v)[0].get("recall@10") for v in oldest_first]),
+            Series("coverage", [model_metrics(v)[0].get("coverage") for v in oldest_first]),
+            Series("popularity nDCG@10", [model_metrics(v)[1].get("ndcg@10") for v in oldest_first], dashed=True),
+        ],
+        point_notes=[f"{v['model_version']}, {v.get('status')}" for v in oldest_first],
+        width=1100,
+    )
+    return render_template(
+        "admin/models.html",
+        versions=versions,
+        chart=chart,
+        live_version=store().live_version(),
+        model_metrics=model_metrics,
+    )
+
+
+@admin.post("/models/activate")
+def activate():
+    version = request.form.get("version", "")
+    kept = {meta["model_version"] for meta in store().versions()}
+    if version not in kept:
+        return admin_error(404, f"model version {version[:64]!r} is not among the kept versions")
+    previous = store().live_version()
+    try:
+        store().activate(version)
+    except ModelError as exc:
+        return admin_error(409, f"cannot activate {version}: {exc}")
+    current_app.logger.warning(
+        "admin activated model version %s (was %s) from %s", version, previous, request.remote_addr
+    )
+    flash(f"Version {version} is live (was {previous or 'none'}). Workers switch to it within seconds.", "ok")
+    return redirect(url_for("admin.models"), 303)
+
+
+# -- runs ---------------------------------------------------------------------------------------------
+def runs_context() -> dict:
+    runs = list_runs(store(), 50)
+    finished = [r for r in reversed(runs) if r.get("ended_at") and r.get("started_at") and r.get("status") != "skipped"]
+    chart = bar_chart(
+        "Run durations (oldest → newest; colour = outcome)",
+        [short_version(r["id"]) for r in finished],
+        [Series("duration", [run_duration(r) for r in finished])],
+        unit=" s",
+        bar_colours=[STATUS_COLOURS.get(r.get("status"), "#6b7280") for r in finished],
+        width=1100,
+    )
+    return {
+        "runs": runs,
+        "queue": queued_requests(store()),
+        "scheduler": scheduler_status(store()),
+        "durations_chart": chart,
+    }
+
+
+@admin.get("/runs")
+def runs():
+    return render_template("admin/runs.html", **runs_context())
+
+
+@admin.get("/fragments/runs")
+def runs_fragment():
+    return render_template("admin/_runs_table.html", **runs_context())
+
+
+@admin.post("/runs")
+def retrain_now():
+    waiting = queued_requests(store())
+    if waiting:
+        # A double click, or two operators at once: one queued run is enough, it trains on the latest data.
+        flash("A run is already queued; it starts when the scheduler is free.", "warn")
+        return redirect(url_for("admin.run_page", run_id=waiting[0]["run_id"]), 303)
+    force = request.form.get("force") == "on"
+    run_id = queue_run(store(), force=force, requested_by=f"dashboard ({request.remote_addr})")
+    current_app.logger.info("admin queued run %s (force=%s) from %s", run_id, force, request.remote_addr)
+    if scheduler_status(store()) is None:
+        flash(
+            "Queued, but no scheduler is running: start `python -m jobs.scheduler`; the run waits in the queue.", "warn"
+        )
+    else:
+        flash("Queued: the scheduler starts it within seconds.", "ok")
+    return redirect(url_for("admin.run_page", run_id=run_id), 303)
+
+
+def run_context(run_id: str) -> dict | None:
+    run = get_run(store(), run_id)
+    if run is None:
+        return None
+    return {"run": run, "log": run_log(store(), run_id), "active": run.get("status") in ACTIVE}
+
+
+@admin.get("/runs/<run_id>")
+def run_page(run_id: str):
+    context = run_context(run_id)
+    if context is None:
+        return admin_error(404, f"no run {run_id[:64]!r} is kept")
+    return render_template("admin/run.html", **context)
+
+
+@admin.get("/fragments/runs/<run_id>")
+def run_fragment(run_id: str):
+    context = run_context(run_id)
+    if context is None:
+        return admin_error(404, f"no run {run_id[:64]!r} is kept")
+    return render_template("admin/_run_detail.html", **context)
+
+
+# -- explorer -------------------------------------------------------------------------------------------
+def loaded_model():
+    return live_model().current
+
+
+@admin.get("/explore")
+def explore():
+    query = request.args.get("q", "").strip()[:MAX_QUERY]
+    model = loaded_model()
+    results = []
+    if model is not None and query:
+        needle = query.casefold()
+        for row, title in enumerate(model.titles):
+            if needle in title.casefold() or model.item_ids[row] == query:
+                results.append((model.item_ids[row], title))
+                if len(results) == SEARCH_LIMIT:
+                    break
+    return render_template("admin/explore.html", query=query, results=results, model=model, limit=SEARCH_LIMIT)
+
+
+def item_row(model, row: int) -> dict:
+    return {"item_id": model.item_ids[row], "title": model.titles[row]}
+
+
+@admin.get("/explore/title")
+def title_page():
+    model = loaded_model()
+    if model is None:
+        return admin_error(503, "no model is loaded in this worker yet")
+    item_id = request.args.get("item", "")[:MAX_QUERY]
+    row = model.item_index.get(item_id)
+    if row is None:
+        return admin_error(404, f"unknown title {item_id!r}")
+    details = {name: values[row] for name, values in model.items.items() if name not in ("item_id", "title")}
+    similar = [{**item_row(model, i), "score": score} for i, score in model.similar(row, 12)]
+    return render_template("admin/title.html", item=item_row(model, row), details=details, similar=similar, model=model)
+
+
+@admin.get("/explore/user")
+def user_page():
+    model = loaded_model()
+    if model is None:
+        return admin_error(503, "no model is loaded in this worker yet")
+    user_id = request.args.get("user", "").strip()[:MAX_QUERY]
+    if not user_id:
+        return redirect(url_for("admin.explore"))
+    fresh_items, fresh_weights = live_model().fresh_history(model, user_id)
+    strategy, recs = model.recommend(user_id, 10, fresh_items, fresh_weights)
+    items, weights = model.history(user_id)
+    if fresh_items is not None and len(fresh_items):
+        items, weights = merge_history(fresh_items, fresh_weights, items, weights)  # as /history shows it
+    history = [
+        {**item_row(model, int(i)), "weight": float(w)}
+        for i, w in zip(items.tolist()[:100], weights.tolist()[:100], strict=True)
+    ]
+    recommendations = [
+        {**item_row(model, r.item), "score": r.score, "because": [item_row(model, b) for b in r.because]} for r in recs
+    ]
+    return render_template(
+        "admin/user.html",
+        user_id=user_id,
+        known=user_id in model.user_index,
+        strategy=strategy,
+        history=history,
+        history_total=len(items),
+        recommendations=recommendations,
+        model=model,
+        fresh=0 if fresh_items is None else len(fresh_items),
+    )

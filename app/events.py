@@ -1,0 +1,99 @@
+"""``POST /events``: viewings that just happened, stored durably and applied at once.
+
+A batch is all or nothing: every event is validated by the data contract
+(:func:`models.data.validate_event_records`); if any breaks it, the answer is
+400 with one error per bad field and nothing is stored. A valid batch is
+appended in one atomic Redis step to the events stream (AOF-persisted) and
+to each user's fresh-history overlay (:mod:`models.live_events`), so the
+next ``/recommend`` already excludes and learns from it, and the nightly job
+trains on it exactly once. If Redis cannot take it the answer is 503 and
+nothing counts as accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import redis
+from flask import Blueprint, Flask, current_app, request
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from app.errors import ApiError, error_response, json_response
+from models.data import validate_event_records
+from models.live_events import EventLog
+from models.store import Keys, redis_from_url
+
+log = logging.getLogger(__name__)
+
+events_api = Blueprint("events", __name__)
+
+MAX_BATCH = 1000
+READ_TIMEOUT_SECONDS = 0.25  # the overlay read on /recommend: give up fast, serve without it
+
+
+def init_events(app: Flask) -> None:
+    """Create the event log for writes (this blueprint) and the short-timeout one for reads (LiveModel).
+
+    Only a failed *connection* is retried (once, e.g. a pooled socket from
+    before a Redis restart): a write that timed out may have been applied,
+    and retrying it could store the batch twice.
+    """
+    keys = Keys(app.config["REDIS_PREFIX"])
+    writer = redis_from_url(
+        app.config["REDIS_URL"],
+        socket_timeout=5.0,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+    )
+    reader = redis_from_url(
+        app.config["REDIS_URL"],
+        socket_timeout=READ_TIMEOUT_SECONDS,
+        socket_connect_timeout=READ_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+    )
+    app.extensions["event_log"] = EventLog(writer, keys)
+    app.extensions["live_model"].events = EventLog(reader, keys)
+
+
+def _events_from_body() -> list:
+    if not request.is_json:
+        raise ApiError(415, "send the events as JSON with 'Content-Type: application/json'")
+    body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH -> 413 (app.errors)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    records = payload if isinstance(payload, list) else [payload]
+    if not records:
+        raise ApiError(400, "no events: send one event object or a non-empty array of them")
+    if len(records) > MAX_BATCH:
+        raise ApiError(400, f"{len(records)} events in one request; send at most {MAX_BATCH} per request")
+    return records
+
+
+@events_api.post("/events")
+def post_events():
+    records = _events_from_body()
+    events, errors = validate_event_records(records)
+    if errors:
+        bad = len({e["index"] for e in errors})
+        raise ApiError(
+            400, f"{bad} of {len(records)} event(s) break the data contract; nothing was stored", rows=errors[:100]
+        )
+    try:
+        ids = current_app.extensions["event_log"].append(events)
+    except redis.TimeoutError as exc:
+        log.warning("events store timed out: %s", exc)
+        response = error_response(503, "the event store did not confirm in time; the events may not be stored: retry")
+        response.headers["Retry-After"] = "1"
+        return response
+    except redis.RedisError as exc:
+        log.warning("events store unavailable: %s", exc)
+        response = error_response(503, "the event store (Redis) is unavailable; nothing was stored: retry later")
+        response.headers["Retry-After"] = "1"
+        return response
+    model = current_app.extensions["live_model"].current
+    known = model.item_index if model is not None else {}
+    not_in_model = sorted({e.item_id for e in events if e.item_id not in known})
+    return json_response({"accepted": len(ids), "ids": ids, "not_in_model": not_in_model[:100]})

@@ -1,0 +1,330 @@
+"""The OpenAPI 3 document of the public API, written by hand, served at ``/openapi.json``.
+
+tests/test_openapi.py runs schemathesis against it: every response of every
+operation must match what is written here, and none may be a 5xx.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from app.errors import json_response
+
+openapi_api = Blueprint("openapi", __name__)
+
+# Ids are trimmed, then must be 1-128 characters without control characters. The pattern says
+# exactly that (no maxLength: surrounding whitespace does not count), so anything the schema
+# refuses the service refuses too, which the negative schemathesis run checks.
+# Whitespace is spelled out (Python's str.strip() set): regex engines disagree on what \s means.
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_EDGE = rf"[^{_SPACE}\x00-\x1f\x7f]"  # first and last character: neither whitespace nor control
+ID_PATTERN = rf"^[{_SPACE}]*{_EDGE}(?:[^\x00-\x1f\x7f]{{0,126}}{_EDGE})?[{_SPACE}]*$"
+ID_SCHEMA = {"type": "string", "minLength": 1, "pattern": ID_PATTERN}
+
+
+def _error(description: str) -> dict:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _id_param(name: str, description: str) -> dict:
+    return {"name": name, "in": "query", "required": True, "description": description, "schema": ID_SCHEMA}
+
+
+K_PARAM = {
+    "name": "k",
+    "in": "query",
+    "required": False,
+    "description": "how many titles to return",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+}
+NO_MODEL = _error("no model is published yet")
+BAD_PARAMS = _error("a parameter is missing, repeated, too long, has control characters or is out of range")
+
+SCHEMAS = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}},
+    },
+    "EventErrors": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "rows": {
+                "type": "array",
+                "description": "one entry per problem (at most 100); index is the 0-based position in the batch",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "field", "error"],
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "field": {"type": ["string", "null"]},
+                        "error": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "Event": {
+        "type": "object",
+        "description": "one viewing; the data contract of the event files (extra fields are ignored)",
+        "required": ["user_id", "item_id", "timestamp"],
+        "properties": {
+            "user_id": ID_SCHEMA,
+            "item_id": ID_SCHEMA,
+            "timestamp": {
+                "description": "unix seconds, or an ISO-8601 string (UTC if no zone); 1970-2100",
+                "oneOf": [
+                    {"type": "number", "minimum": 0, "maximum": 4102444800},
+                    {"type": "string", "minLength": 1, "maxLength": 64},
+                ],
+            },
+            "watch_seconds": {"type": ["number", "null"], "minimum": 0, "description": "seconds watched, if known"},
+        },
+    },
+    "ScoredTitle": {
+        "type": "object",
+        "required": ["item_id", "title", "score"],
+        "properties": {
+            "item_id": {"type": "string"},
+            "title": {"type": "string"},
+            "score": {"type": "number"},
+            "because": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "titles in the history that led here",
+            },
+        },
+    },
+}
+
+PATHS = {
+    "/recommend": {
+        "get": {
+            "summary": "Top titles for a user (personalized, or popular for users the model does not know)",
+            "parameters": [_id_param("user", "user id"), K_PARAM],
+            "responses": {
+                "200": _json(
+                    "recommendations",
+                    {
+                        "type": "object",
+                        "required": ["user", "model_version", "strategy", "items"],
+                        "properties": {
+                            "user": {"type": "string"},
+                            "model_version": {"type": "string"},
+                            "strategy": {"type": "string", "enum": ["personalized", "popular"]},
+                            "items": {"type": "array", "items": {"$ref": "#/components/schemas/ScoredTitle"}},
+                        },
+                    },
+                ),
+                "400": BAD_PARAMS,
+                "503": NO_MODEL,
+            },
+        }
+    },
+    "/similar": {
+        "get": {
+            "summary": "Titles similar to a title",
+            "parameters": [_id_param("item", "title id"), K_PARAM],
+            "responses": {
+                "200": _json(
+                    "similar titles",
+                    {
+                        "type": "object",
+                        "required": ["item", "title", "model_version", "items"],
+                        "properties": {
+                            "item": {"type": "string"},
+                            "title": {"type": "string"},
+                            "model_version": {"type": "string"},
+                            "items": {"type": "array", "items": {"$ref": "#/components/schemas/ScoredTitle"}},
+                        },
+                    },
+                ),
+                "400": BAD_PARAMS,
+                "404": _error("the title is not in the served model"),
+                "503": NO_MODEL,
+            },
+        }
+    },
+    "/history": {
+        "get": {
+            "summary": "What the service knows a user watched, newest first (fresh = from POST /events)",
+            "parameters": [_id_param("user", "user id")],
+            "responses": {
+                "200": _json(
+                    "history",
+                    {
+                        "type": "object",
+                        "required": ["user", "model_version", "known", "items"],
+                        "properties": {
+                            "user": {"type": "string"},
+                            "model_version": {"type": "string"},
+                            "known": {"type": "boolean"},
+                            "items": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["item_id", "title", "weight", "fresh"],
+                                    "properties": {
+                                        "item_id": {"type": "string"},
+                                        "title": {"type": "string"},
+                                        "weight": {"type": "number"},
+                                        "fresh": {"type": "boolean"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                ),
+                "400": BAD_PARAMS,
+                "503": NO_MODEL,
+            },
+        }
+    },
+    "/events": {
+        "post": {
+            "summary": "Record viewings that just happened (one event or a batch of up to 1000)",
+            "description": (
+                "All or nothing: a batch with any bad event is refused (400, per-row errors) and nothing is stored. "
+                "Accepted events are in Redis (stream, AOF) when the answer is sent, change the user's next "
+                "/recommend at once, and go into the next nightly model exactly once. 503 means nothing was "
+                "accepted; retry."
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/Event"},
+                                {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": 1000,
+                                    "items": {"$ref": "#/components/schemas/Event"},
+                                },
+                            ]
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    "stored and applied",
+                    {
+                        "type": "object",
+                        "required": ["accepted", "ids", "not_in_model"],
+                        "properties": {
+                            "accepted": {"type": "integer", "minimum": 1},
+                            "ids": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "stream ids, in order",
+                            },
+                            "not_in_model": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "titles the served model does not know yet: kept for the nightly job",
+                            },
+                        },
+                    },
+                ),
+                "400": _json(
+                    "bad JSON or events that break the data contract; nothing stored",
+                    {"$ref": "#/components/schemas/EventErrors"},
+                ),
+                "413": _error("the body is larger than MAX_BODY_BYTES"),
+                "415": _error("the body is not JSON"),
+                "503": _error("Redis cannot take the events now; nothing was accepted"),
+            },
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "The process answers (liveness)",
+            "responses": {
+                "200": _json(
+                    "alive", {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+                )
+            },
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "A model is loaded (readiness); degraded while Redis is unreachable",
+            "responses": {
+                "200": _json(
+                    "serving; degraded = answering from the loaded model without Redis",
+                    {
+                        "type": "object",
+                        "required": ["status", "model_version", "redis"],
+                        "properties": {
+                            "status": {"type": "string", "enum": ["ready", "degraded"]},
+                            "model_version": {"type": "string"},
+                            "redis": {"type": "string", "enum": ["ok", "unreachable"]},
+                        },
+                    },
+                ),
+                "503": _json(
+                    "no model loaded",
+                    {
+                        "type": "object",
+                        "required": ["status", "error"],
+                        "properties": {
+                            "status": {"const": "not ready"},
+                            "error": {"type": "string"},
+                            "model_version": {"type": ["string", "null"]},
+                            "redis": {"type": "string", "enum": ["ok", "unreachable"]},
+                        },
+                    },
+                ),
+            },
+        }
+    },
+    "/version": {
+        "get": {
+            "summary": "Metadata of the served model version (counts, params, metrics, timings)",
+            "responses": {
+                "200": _json(
+                    "version metadata",
+                    {
+                        "type": "object",
+                        "required": ["model_version", "checksum"],
+                        "properties": {"model_version": {"type": "string"}, "checksum": {"type": "string"}},
+                    },
+                ),
+                "503": NO_MODEL,
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "responses": {"200": _json("OpenAPI 3.1 document", {"type": "object", "required": ["openapi", "paths"]})},
+        }
+    },
+}
+
+DOCUMENT = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Recommendation service",
+        "version": "1",
+        "description": 'Every error is JSON {"error": "..."}. Ids are opaque strings (1-128 characters, no control characters).',
+    },
+    "paths": PATHS,
+    "components": {"schemas": SCHEMAS},
+}
+
+
+@openapi_api.get("/openapi.json")
+def openapi_document():
+    return json_response(DOCUMENT)

@@ -1,0 +1,286 @@
+"""Serving benchmark: /recommend against /healthz through production gunicorn, in one run.
+
+    .venv/bin/python bench/serve.py                      # the production config
+    .venv/bin/python bench/serve.py --variants sync:2,gthread:2:4,sync:3
+
+Demo data at catalogue scale (100,000 titles, 200,000 users, ~4M events) is
+published by the real nightly job (evaluation included) into a private
+redis-server; gunicorn runs with ``gunicorn.conf.py``; ``wrk`` drives 8
+connections at ``/healthz`` (the framework's ceiling on this machine) and at
+``/recommend`` for random real users, alternating, so both see the same noisy
+neighbours. It prints requests/s, p50, p99 and errors for each, the ratio, and
+RSS/PSS per worker (PSS counts a shared page once per process sharing it, so
+a memory-mapped index shared by N workers shows up as 1/N in each).
+
+Targets (issue 5): recommend/healthz >= 0.6, recommend p99 <= 15 ms, zero errors.
+The data and the published model are cached in var/bench (keyed by the data
+parameters and a digest of the model code), so reruns start in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from harness import (
+    CACHE_ROOT, REPO_ROOT, RedisServer, children_of, demo_data, free_port, machine, mb, memory_of,
+    require_tool, run_measured, source_digest,
+)  # fmt: skip
+
+PREFIX = "recs"
+TARGET_RATIO, TARGET_P99_MS = 0.6, 15.0
+
+WRK_SCRIPT = r"""
+-- Each wrk thread loads the user ids and picks one at random per request.
+local ids = {}
+for line in io.lines("%(users)s") do ids[#ids + 1] = line end
+local counter = 0
+function setup(thread) counter = counter + 1; thread:set("seed", counter) end
+function init(args) math.randomseed(os.time() * 1000 + (seed or 0)) end
+request = function()
+  return wrk.format("GET", "/recommend?user=" .. ids[math.random(#ids)])
+end
+%(done)s
+"""
+
+WRK_DONE = r"""
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, '
+    .. '"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def publish_model(args, redis_dir: Path) -> Path:
+    """Redis dump holding the published model: from the cache, else by running the nightly job."""
+    data = demo_data(args.users, args.items, args.events, args.seed)
+    digest = source_digest(["models", "jobs/nightly.py"])
+    key = f"serve-u{args.users}-i{args.items}-e{args.events}-s{args.seed}-{'noeval' if args.no_eval else 'eval'}"
+    cached = CACHE_ROOT / f"{key}-{digest}" / "dump.rdb"
+    if args.reuse_model and not cached.is_file():  # any model code version will do
+        older = sorted(CACHE_ROOT.glob(f"{key}-*/dump.rdb"), key=lambda p: p.stat().st_mtime)
+        cached = older[-1] if older else cached
+    if cached.is_file() and not args.rebuild:
+        print(f"model: cached in {cached.parent.relative_to(REPO_ROOT)}", flush=True)
+        return cached
+    with RedisServer(redis_dir) as redis_server:
+        cmd = [sys.executable, "-m", "jobs.nightly", "--events", str(data["events"]), "--catalog", str(data["catalog"]), "--quiet"]
+        if args.no_eval:
+            cmd.append("--no-eval")
+        print(f"model: running the nightly job ({' '.join(cmd[1:4])} ...)", flush=True)
+        env = dict(os.environ, REDIS_URL=redis_server.url, REDIS_PREFIX=PREFIX, PYTHONPATH=str(REPO_ROOT))
+        code, wall, peak, out = run_measured(cmd, env)
+        print("\n".join("  | " + line for line in out.strip().splitlines()))
+        if code != 0:
+            sys.exit(f"error: the nightly job failed with exit code {code}")
+        print(f"model: nightly job {wall:.0f}s, peak RSS {mb(peak)}", flush=True)
+        redis_server.save_to(cached)
+    (redis_dir / "dump.rdb").unlink(missing_ok=True)
+    return cached
+
+
+def start_gunicorn(redis_url: str, cache_dir: Path, variant: dict) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(
+        os.environ, REDIS_URL=redis_url, REDIS_PREFIX=PREFIX, MODEL_CACHE_DIR=str(cache_dir),
+        HOST="127.0.0.1", PORT=str(port), PYTHONPATH=str(REPO_ROOT), LOG_LEVEL="warning",
+    )  # fmt: skip
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.update(variant["env"])
+    log_path = cache_dir.parent / "gunicorn.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    ready = 0
+    while ready < 10:  # several answers in a row: every worker has opened the model
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as response:
+                ready = ready + 1 if response.status == 200 else 0
+        except OSError:
+            ready = 0
+        if process.poll() is not None:
+            sys.exit(f"error: gunicorn exited during start-up:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            sys.exit("error: gunicorn did not become ready in 120 s")
+        time.sleep(0.1 if ready else 0.3)
+    return process, base
+
+
+def run_wrk(wrk: str, url: str, script: Path, seconds: float, connections: int, threads: int) -> dict:
+    out = subprocess.run(
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "5s", "-s", str(script), url],
+        capture_output=True, text=True, timeout=seconds + 60,
+    )  # fmt: skip
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
+    if line is None:
+        sys.exit(f"error: wrk printed no result:\n{out.stdout}\n{out.stderr}")
+    raw = json.loads(line.split(" ", 1)[1])
+    return {
+        "requests": raw["requests"],
+        "seconds": raw["duration_us"] / 1e6,
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "max_ms": raw["max_us"] / 1000,
+        "errors": sum(raw[k] for k in ("connect", "read", "write", "status", "timeout")),
+    }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by ``pids`` (from /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured_wrk(wrk: str, url: str, script: Path, args, workers: list[int]) -> dict:
+    """One wrk run plus the workers' CPU time per request: robust to noisy neighbours."""
+    before = cpu_seconds(workers)
+    result = run_wrk(wrk, url, script, args.seconds, args.connections, args.wrk_threads)
+    result["cpu_us"] = (cpu_seconds(workers) - before) / max(result["requests"], 1) * 1e6
+    return result
+
+
+def combine(rounds: list[dict]) -> dict:
+    """Throughput over all rounds; latency as the median round (and the worst round's p99)."""
+    requests = sum(r["requests"] for r in rounds)
+    seconds = sum(r["seconds"] for r in rounds)
+    return {
+        "rps": requests / seconds,
+        "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
+        "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
+        "p99_worst_ms": max(r["p99_ms"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "requests": requests,
+        "cpu_us": statistics.median(r["cpu_us"] for r in rounds),
+        "rps_rounds": [r["requests"] / r["seconds"] for r in rounds],
+    }
+
+
+def parse_variant(text: str) -> dict:
+    """``class:workers[:threads]`` -> gunicorn env overrides; ``prod`` = gunicorn.conf.py as is."""
+    if text == "prod":
+        return {"name": "production gunicorn.conf.py", "env": {}}
+    parts = text.split(":")
+    env = {"GUNICORN_WORKER_CLASS": parts[0], "WEB_CONCURRENCY": parts[1]}
+    if len(parts) > 2:
+        env["GUNICORN_THREADS"] = parts[2]
+    return {"name": text, "env": env}
+
+
+def bench_variant(args, wrk: str, redis_url: str, tmp: Path, variant: dict, users_file: Path) -> dict:
+    process, base = start_gunicorn(redis_url, tmp / "models", variant)
+    try:
+        workers = children_of(process.pid)
+        recommend_lua, health_lua = tmp / "recommend.lua", tmp / "healthz.lua"
+        recommend_lua.write_text(WRK_SCRIPT % {"users": users_file, "done": WRK_DONE})
+        health_lua.write_text(WRK_DONE)
+        # Warm-up touches the memory-mapped pages and the code paths; not counted.
+        run_wrk(wrk, f"{base}/recommend", recommend_lua, args.warmup, args.connections, args.wrk_threads)
+        run_wrk(wrk, f"{base}/healthz", health_lua, args.warmup, args.connections, args.wrk_threads)
+        health, recommend = [], []
+        for _ in range(args.rounds):  # alternate, so noisy neighbours hit both alike
+            health.append(measured_wrk(wrk, f"{base}/healthz", health_lua, args, workers))
+            recommend.append(measured_wrk(wrk, f"{base}/recommend", recommend_lua, args, workers))
+        memory = {pid: memory_of(pid) for pid in workers}
+        master = memory_of(process.pid)
+    finally:
+        process.terminate()
+        process.wait(30)
+    return {"health": combine(health), "recommend": combine(recommend), "memory": memory, "master": master}
+
+
+def report(variant: dict, result: dict) -> bool:
+    h, r = result["health"], result["recommend"]
+    ratio = r["rps"] / h["rps"]
+    print(f"\n== {variant['name']} ==")
+    print(f"  {'endpoint':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'worst p99':>10}{'errors':>8}{'requests':>10}"
+          f"{'worker CPU/req':>16}  req/s per round")  # fmt: skip
+    for name, m in (("/healthz", h), ("/recommend", r)):
+        rounds = " ".join(f"{x:.0f}" for x in m["rps_rounds"])
+        print(f"  {name:<11}{m['rps']:>9.0f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}{m['p99_worst_ms']:>10.2f}"
+              f"{m['errors']:>8}{m['requests']:>10}{m['cpu_us']:>13.0f} us  {rounds}")  # fmt: skip
+    ok = ratio >= TARGET_RATIO and r["p99_ms"] <= TARGET_P99_MS and r["errors"] == 0 and h["errors"] == 0
+    print(
+        f"  ratio recommend/healthz = {ratio:.2f} (target >= {TARGET_RATIO}); "
+        f"worker CPU per request healthz/recommend = {h['cpu_us'] / r['cpu_us']:.2f}; "
+        f"recommend p99 {r['p99_ms']:.1f} ms (median round; target <= {TARGET_P99_MS:.0f}) "
+        f"-> {'MEETS' if ok else 'MISSES'} targets"
+    )
+    for pid, mem in result["memory"].items():
+        print(
+            f"  worker {pid}: RSS {mb(mem.get('rss', 0))}, PSS {mb(mem.get('pss', 0))} "
+            f"(file-backed {mb(mem.get('pss_file', 0))}, anon {mb(mem.get('pss_anon', 0))}), "
+            f"shared clean {mb(mem.get('shared_clean', 0))}"
+        )
+    print(f"  master: RSS {mb(result['master'].get('rss', 0))}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--events", type=int, default=4_000_000)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--no-eval", action="store_true", help="publish with --no-eval (faster first run)")
+    parser.add_argument("--rebuild", action="store_true", help="ignore the cached model and rerun the nightly job")
+    parser.add_argument("--reuse-model", action="store_true", help="use the newest cached model even if the model code changed since")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured wrk run")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating healthz/recommend rounds per variant")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--variants", default="prod", help="comma list of prod or class:workers[:threads], e.g. sync:2,gthread:2:4")
+    args = parser.parse_args(argv)
+
+    wrk = require_tool("wrk", "wrk")
+    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "redis").mkdir()
+        dump = publish_model(args, tmp / "redis")
+        shutil.copyfile(dump, tmp / "redis" / "dump.rdb")  # redis-server loads it on start
+        with RedisServer(tmp / "redis") as redis_server:
+            import redis as redis_lib
+
+            from models.store import ModelStore
+
+            store = ModelStore(redis_lib.Redis.from_url(redis_server.url), PREFIX)
+            version = store.live_version()
+            users_json = store.fetch_part(version, "users.json", store.meta(version)["parts"]["users.json"])
+            users_file = tmp / "users.txt"
+            users_file.write_text("\n".join(json.loads(users_json)) + "\n")
+            meta = store.meta(version)
+            print(f"model {version}: {meta['counts']['titles']:,} titles, {meta['counts']['users']:,} users, "
+                  f"{meta['counts']['events']:,} events; parts {mb(sum(p['size'] for p in meta['parts'].values()))}")
+            print(f"wrk: {args.connections} connections, {args.wrk_threads} threads, "
+                  f"{args.rounds} x {args.seconds:.0f}s per endpoint, alternating")
+            all_ok = True
+            for text in args.variants.split(","):
+                variant = parse_variant(text.strip())
+                result = bench_variant(args, wrk, redis_server.url, tmp, variant, users_file)
+                all_ok &= report(variant, result)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Training benchmark: the whole nightly job against its core (load + bare implicit ALS), same run.
+
+    .venv/bin/python bench/train_scale.py
+
+Generates 20M events (150,000 users, 30,000 titles; cached in var/bench),
+then, one after the other on the same machine:
+
+1. the baseline, in its own process: ``models.data`` loads the same files, and
+   a bare ``implicit`` ALS fit (64 factors, 15 iterations, the job's thread
+   settings) runs on the users x titles count matrix;
+2. the nightly job end to end (``python -m jobs.nightly``, evaluation
+   included) publishing into a private redis-server, as a subprocess whose
+   wall time and peak RSS (``wait4``) are measured.
+
+Prints each step's time (the job's own summary line), the ratio
+job / (load + bare ALS) and the peak RSS. Targets (issue 5): ratio <= 3,
+peak RSS <= 6 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import REPO_ROOT, RedisServer, demo_data, machine, mb, run_measured
+
+TARGET_RATIO, TARGET_PEAK_GB = 3.0, 6.0
+
+
+def bare_baseline(events_path: str, catalog_path: str, factors: int, iterations: int) -> dict:
+    """Load with the project's loader, then the plainest implicit ALS fit on view counts."""
+    import numpy as np
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    from models.data import load_catalog, load_events
+
+    started = time.perf_counter()
+    catalog, _ = load_catalog(catalog_path)
+    events, _ = load_events(events_path, catalog)
+    load = time.perf_counter() - started
+
+    started = time.perf_counter()
+    counts = sp.csr_matrix(
+        (np.ones(len(events), np.float32), (events.user, events.item)), shape=(len(events.user_ids), len(catalog))
+    )
+    counts.sum_duplicates()
+    matrix = time.perf_counter() - started
+
+    started = time.perf_counter()
+    model = AlternatingLeastSquares(
+        factors=factors, iterations=iterations, calculate_training_loss=False, random_state=0,
+        num_threads=int(os.environ.get("TRAIN_THREADS", "0")),
+    )  # fmt: skip
+    with threadpool_limits(1, "blas"):  # as models.embeddings does: implicit owns the cores
+        model.fit(counts, show_progress=False)
+    als = time.perf_counter() - started
+    return {"load": load, "matrix": matrix, "als": als, "events": len(events), "nnz": counts.nnz}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=150_000)
+    parser.add_argument("--items", type=int, default=30_000)
+    parser.add_argument("--events", type=int, default=20_000_000)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--factors", type=int, default=64, help="bare ALS factors")
+    parser.add_argument("--iterations", type=int, default=15, help="bare ALS iterations")
+    parser.add_argument("--job-args", default="", help="extra arguments for jobs.nightly, e.g. '--no-eval'")
+    parser.add_argument("--skip-job", action="store_true", help="only the baseline (for quick checks)")
+    parser.add_argument("--bare", nargs=2, metavar=("EVENTS", "CATALOG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.bare:  # the baseline's own process
+        print("BARE_RESULT " + json.dumps(bare_baseline(*args.bare, args.factors, args.iterations)))
+        return 0
+
+    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    data = demo_data(args.users, args.items, args.events, args.seed)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+    print("baseline: load + bare implicit ALS ...", flush=True)
+    cmd = [sys.executable, __file__, "--bare", str(data["events"]), str(data["catalog"]),
+           "--factors", str(args.factors), "--iterations", str(args.iterations)]  # fmt: skip
+    code, bare_wall, bare_peak, out = run_measured(cmd, env)
+    if code != 0:
+        sys.exit(f"error: the baseline failed with exit code {code}")
+    bare = json.loads(next(ln for ln in out.splitlines() if ln.startswith("BARE_RESULT ")).split(" ", 1)[1])
+    core = bare["load"] + bare["als"]
+    print(
+        f"baseline: load {bare['load']:.1f}s + ALS ({args.factors} factors, {args.iterations} iterations) "
+        f"{bare['als']:.1f}s = {core:.1f}s  [count matrix {bare['matrix']:.1f}s; process wall {bare_wall:.1f}s, "
+        f"peak RSS {mb(bare_peak)}; {bare['events']:,} events, {bare['nnz']:,} user-title pairs]",
+        flush=True,
+    )
+    if args.skip_job:
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, RedisServer(Path(tmp)) as redis_server:
+        cmd = [sys.executable, "-m", "jobs.nightly", "--events", str(data["events"]),
+               "--catalog", str(data["catalog"]), "--quiet", *args.job_args.split()]  # fmt: skip
+        print(f"job: {' '.join(cmd[1:])}", flush=True)
+        code, job_wall, job_peak, out = run_measured(cmd, dict(env, REDIS_URL=redis_server.url))
+        print("\n".join("  | " + line for line in out.strip().splitlines()))
+        if code != 0:
+            sys.exit(f"error: the nightly job failed with exit code {code}")
+
+    ratio = job_wall / core
+    ok = ratio <= TARGET_RATIO and job_peak <= TARGET_PEAK_GB * 1024**3
+    print(f"\njob wall {job_wall:.1f}s (process start to exit), peak RSS {job_peak / 1024**3:.2f} GB "
+          f"(target <= {TARGET_PEAK_GB:.0f} GB)")  # fmt: skip
+    print(f"ratio job / (load + bare ALS) = {job_wall:.1f} / {core:.1f} = {ratio:.2f} "
+          f"(target <= {TARGET_RATIO:.0f}) -> {'MEETS' if ok else 'MISSES'} targets")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

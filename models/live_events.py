@@ -1,0 +1,246 @@
+"""Live events: the durable stream of accepted viewings and each user's fresh-history overlay.
+
+Shared by the service (``POST /events`` appends, ``/recommend`` reads one
+user's overlay) and the nightly job (takes the stream into its input). Key
+names come from :class:`models.store.Keys`; user ids only ever appear inside
+stream entries and as hash *fields*, never in a key name::
+
+    {prefix}:events   stream; one entry per accepted event: u, i, t (unix s), w ('' if unknown)
+    {prefix}:fresh    hash; field = user id, value = that user's newest entries,
+                      "stream-id<TAB>item<TAB>t<TAB>w" lines, oldest first, capped in bytes
+
+Exactly once into the model: the job snapshots the stream's last id before it
+loads anything, trains on the files plus every stream entry up to and
+including that id, and records the id in the published version's metadata
+(``live_events.consumed_through``), which becomes live in the same atomic
+pointer switch as the model. The stream itself is never consumed or trimmed,
+so a crash anywhere before the switch leaves nothing half-done: the next run
+reads the same entries again (plus newer ones). Each entry has a unique id,
+so it is in a model at most once; the overlay shows only entries newer than
+the serving version's ``consumed_through``, so an event is either in the
+model's history or in the overlay, never in both. Events that arrive while
+the job runs get ids above the snapshot and wait for the next night.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+
+from models.data import LiveEvent
+from models.store import Keys
+
+STREAM_START = "0-0"  # "nothing consumed yet"
+FRESH_MAX_BYTES = 16 * 1024  # per user, ~200 events: bounds the per-request read and parse
+READ_BATCH = 10_000
+
+# One atomic step per batch: append every event to the stream and to its user's overlay.
+# A Lua script runs alone in Redis and is written to the AOF as one unit.
+_APPEND = """
+local max_bytes = tonumber(ARGV[1])
+local ids = {}
+for n = 2, #ARGV, 4 do
+  local user, item, ts, ws = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
+  local id = redis.call('XADD', KEYS[1], '*', 'u', user, 'i', item, 't', ts, 'w', ws)
+  local entry = id .. '\\t' .. item .. '\\t' .. ts .. '\\t' .. ws
+  local old = redis.call('HGET', KEYS[2], user)
+  local value = entry
+  if old then value = old .. '\\n' .. entry end
+  if #value > max_bytes then
+    local cut = string.find(value, '\\n', #value - max_bytes, true)
+    if cut then value = string.sub(value, cut + 1) end
+  end
+  redis.call('HSET', KEYS[2], user, value)
+  ids[#ids + 1] = id
+end
+return ids
+"""
+
+# Drop overlay lines a live model already contains (ids <= the consumed id); empty users go.
+_PRUNE = """
+local cms, cseq = tonumber(ARGV[1]), tonumber(ARGV[2])
+local removed = 0
+for n = 3, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[n])
+  if value then
+    local kept = {}
+    for line in string.gmatch(value, '[^\\n]+') do
+      local ms, seq = string.match(line, '^(%d+)-(%d+)\\t')
+      ms, seq = tonumber(ms), tonumber(seq)
+      if ms > cms or (ms == cms and seq > cseq) then kept[#kept + 1] = line else removed = removed + 1 end
+    end
+    if #kept == 0 then
+      redis.call('HDEL', KEYS[1], ARGV[n])
+    else
+      redis.call('HSET', KEYS[1], ARGV[n], table.concat(kept, '\\n'))
+    end
+  end
+end
+return removed
+"""
+
+
+def parse_stream_id(stream_id: str | bytes) -> tuple[int, int]:
+    """``"1700000000000-3"`` -> (1700000000000, 3), comparable as a tuple."""
+    if isinstance(stream_id, bytes):
+        stream_id = stream_id.decode()
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def consumed_through(meta: dict | None) -> str:
+    """The last stream id a version's training included (``0-0`` for versions without any)."""
+    info = (meta or {}).get("live_events") or {}
+    return info.get("consumed_through") or STREAM_START
+
+
+class EventLog:
+    """The stream and the overlay for one key prefix."""
+
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self.redis = client
+        self.keys = keys
+        self._append = client.register_script(_APPEND)
+        self._prune = client.register_script(_PRUNE)
+
+    # -- the service -------------------------------------------------------------------
+    def append(self, events: list[LiveEvent]) -> list[str]:
+        """Store ``events`` durably (stream) and in their users' overlays, atomically. Their stream ids."""
+        args: list = [FRESH_MAX_BYTES]
+        for event in events:
+            seconds = "" if event.watch_seconds is None else repr(float(event.watch_seconds))
+            args += [event.user_id, event.item_id, str(int(event.timestamp)), seconds]
+        ids = self._append(keys=[self.keys.events_stream, self.keys.fresh_history], args=args)
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    def fresh_raw(self, user_id: str) -> bytes | None:
+        """The user's overlay as stored: one HGET (the only Redis call on the request path)."""
+        return self.redis.hget(self.keys.fresh_history, user_id)
+
+    # -- the nightly job -----------------------------------------------------------------
+    def snapshot(self) -> str:
+        """Id of the newest stream entry now (``0-0`` if the stream is empty): the job's upper bound."""
+        last = self.redis.xrevrange(self.keys.events_stream, "+", "-", count=1)
+        return last[0][0].decode() if last else STREAM_START
+
+    def read(self, upto: str) -> Iterator[tuple[str, LiveEvent]]:
+        """Every stream entry with id <= ``upto``, oldest first, in batches."""
+        if parse_stream_id(upto) == (0, 0):
+            return
+        start = "-"
+        while True:
+            batch = self.redis.xrange(self.keys.events_stream, start, upto, count=READ_BATCH)
+            for entry_id, fields in batch:
+                seconds = fields.get(b"w", b"")
+                yield (
+                    entry_id.decode(),
+                    LiveEvent(
+                        fields[b"u"].decode(),
+                        fields[b"i"].decode(),
+                        int(fields[b"t"]),
+                        float(seconds) if seconds else None,
+                    ),
+                )
+            if len(batch) < READ_BATCH:
+                return
+            start = "(" + batch[-1][0].decode()
+
+    def export(self, path: str | Path, upto: str) -> int:
+        """Write the entries up to ``upto`` as an events Parquet file for :func:`models.data.load_events`."""
+        users, items, stamps, seconds = [], [], [], []
+        for _, event in self.read(upto):
+            users.append(event.user_id)
+            items.append(event.item_id)
+            stamps.append(event.timestamp)
+            seconds.append(event.watch_seconds)
+        table = pa.table(
+            {
+                "user_id": pa.array(users, pa.string()),
+                "item_id": pa.array(items, pa.string()),
+                "timestamp": pa.array(stamps, pa.int64()),
+                "watch_seconds": pa.array(seconds, pa.float64()),
+            }
+        )
+        pq.write_table(table, path)
+        return len(users)
+
+    def prune_fresh(self, upto: str, batch: int = 500) -> int:
+        """Remove overlay entries with ids <= ``upto`` (already in the live model). Lines removed."""
+        ms, seq = parse_stream_id(upto)
+        removed = 0
+        cursor = 0
+        while True:
+            cursor, fields = self.redis.hscan(self.keys.fresh_history, cursor, count=batch)
+            if fields:
+                removed += int(self._prune(keys=[self.keys.fresh_history], args=[ms, seq, *fields.keys()]))
+            if cursor == 0:
+                return removed
+
+
+def fresh_overlay(model, raw: bytes | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(item rows, confidences) of the overlay entries ``model`` has not been trained on.
+
+    Entries at or below the model's ``consumed_through`` are already in its
+    history and are skipped; titles the model does not know yet are skipped
+    too (the nightly job will place them). Confidence follows the training
+    rule (:func:`models.embeddings.event_weights` then
+    :func:`models.embeddings.confidence_matrix`) for a viewing made now:
+    completion = watch time / episode length (unknown -> 1; unknown length ->
+    30 minutes is a full viewing), clipped to [0.05, 1], recency 1, summed per
+    title, then ``1 + alpha * log1p(sum / eps)``.
+    """
+    if not raw:
+        return None, None
+    floor = parse_stream_id(consumed_through(model.meta))
+    params = model.meta.get("params", {})
+    alpha, eps = float(params.get("alpha", 2.0)), float(params.get("eps", 1.0))
+    minutes = model.items.get("episode_minutes")
+    totals: dict[int, float] = {}
+    order: list[int] = []
+    for line in reversed(raw.decode().split("\n")):  # newest first
+        fields = line.split("\t")
+        if len(fields) != 4 or parse_stream_id(fields[0]) <= floor:
+            continue
+        row = model.item_index.get(fields[1])
+        if row is None:
+            continue
+        completion = 1.0
+        if fields[3]:
+            length = minutes[row] if minutes is not None else None
+            full = length * 60.0 if length else 1800.0
+            completion = min(max(float(fields[3]) / full, 0.05), 1.0)
+        if row not in totals:
+            order.append(row)
+            totals[row] = 0.0
+        totals[row] += completion
+    if not order:
+        return None, None
+    weights = np.array([1.0 + alpha * math.log1p(totals[row] / eps) for row in order], dtype=np.float32)
+    return np.array(order, dtype=np.int32), weights
+
+
+def take_for_job(store, folder: str | Path) -> tuple[dict, Path | None]:
+    """The job's share of the stream: snapshot, export up to it, tidy the overlay.
+
+    Returns the ``live_events`` record for the new version's metadata and the
+    exported Parquet file (None when the stream is empty). Overlay entries
+    already inside the *currently live* version are pruned first; that is
+    only housekeeping (readers skip them anyway).
+    """
+    log = EventLog(store.redis, store.keys)
+    live = store.live_version()
+    if live is not None:
+        log.prune_fresh(consumed_through(store.meta_or_none(live)))
+    upto = log.snapshot()
+    info = {"stream": store.keys.events_stream, "consumed_through": upto, "events": 0}
+    if upto == STREAM_START:
+        return info, None
+    path = Path(folder) / f"stream-upto-{upto}.parquet"
+    info["events"] = log.export(path, upto)
+    return info, path
