@@ -30,7 +30,7 @@ from models.build import build_parts, candidate_reasons, npy_bytes, open_parts, 
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
 from models.embeddings import ModelParams, learn_embeddings
 from models.offline import cold_start_evaluation, select_params
-from models.evaluate import holdout_split, popularity_ranking, ranking_metrics, recommend_popular
+from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import take_for_job
 from models.progress import report
 from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
@@ -39,6 +39,7 @@ log = logging.getLogger("jobs.nightly")
 
 EVAL_K = 10
 MAX_EVAL_USERS = 20000  # evaluation cost grows with users; a sample this size is plenty stable
+MAX_EVAL_EVENTS = 4_000_000  # events of the users the evaluation model trains on (see evaluation_sample)
 
 
 @dataclass
@@ -134,15 +135,16 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     if config.evaluate:
         report("evaluate", 0, 1)
         started = time.perf_counter()
-        train_mask = holdout_split(events, config.holdout, config.split, seed=params.seed)
-        train = events.subset(train_mask)
+        evaluated = evaluation_sample(events, MAX_EVAL_EVENTS, seed=params.seed)
+        train_mask = holdout_split(evaluated, config.holdout, config.split, seed=params.seed)
+        train = evaluated.subset(train_mask)
         if config.select:
             # Tuned on a validation split of the training part only: the holdout stays unseen.
             report("select", 0, 1)
             selected_at = time.perf_counter()
             params, selection = select_params(train, catalog, params, config.split, config.selection_budget, params.seed)
             timings["select"] = time.perf_counter() - selected_at
-        evaluation = evaluate_params(train, events.subset(~train_mask), catalog, params, config.show_progress)
+        evaluation = evaluate_params(train, evaluated.subset(~train_mask), catalog, params, config.show_progress)
         evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
         if config.cold_start:
             report("cold_start", 0, 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +46,12 @@ class ModelParams:
     n_trees: int = 50  # Annoy trees: more = better recall, bigger index
     search_k: int = -1  # Annoy nodes inspected per query (-1 = n_trees * n)
     history_cap: int = 500  # recent titles kept per user in the published history
+    # "Watched next": titles a user watched within seq_window titles of each other are related.
+    seq_window: int = 5  # positions in a user's time-ordered titles (consecutive repeats collapsed)
+    seq_tau: float = 1.0  # pair weight exp(-(distance - 1) / tau): adjacent titles count most
+    seq_pop_exponent: float = 0.5  # divide by (viewers_i * viewers_j) ** exponent, so hits don't dominate
+    seq_neighbors: int = 100  # strongest neighbours kept per title
+    seq_weight: float = 0.5  # weight of the z-scored sequence score next to the embedding score
     candidates: int = 50  # per-user precomputed recommendations (k above this is computed live)
     seed: int = 7
 
@@ -59,6 +66,7 @@ class Embeddings:
     content_vectors: np.ndarray  # float32 [items, d], content model output
     viewers: np.ndarray  # int [items], distinct users per title in training
     confidence: sp.csr_matrix  # users x items confidences the model was trained on
+    sequence: sp.csr_matrix  # items x items "watched next" neighbours (pruned, row-normalised by popularity)
     params: ModelParams
     timings: dict = field(default_factory=dict)
 
@@ -185,8 +193,6 @@ def learn_embeddings(
     events: Events, catalog: Catalog, params: ModelParams, show_progress: bool = True
 ) -> Embeddings:
     """Collaborative factors, content model, and the evidence-weighted blend of the two."""
-    import time
-
     timings = {}
     started = time.perf_counter()
     confidence = confidence_matrix(events, catalog, params)
@@ -207,6 +213,10 @@ def learn_embeddings(
             content = model(torch.from_numpy(features)).numpy().astype(np.float32)
     timings["content_model"] = time.perf_counter() - started
 
+    started = time.perf_counter()
+    sequence = sequence_neighbors(events, len(catalog), params)
+    timings["sequence"] = time.perf_counter() - started
+
     # Evidence weight: 0 viewers -> content only; many viewers -> collaborative.
     trust = (viewers / (viewers + params.content_shrink)).astype(np.float32)[:, None]
     vectors = (trust * cf_items + (1.0 - trust) * content).astype(np.float32)
@@ -216,6 +226,63 @@ def learn_embeddings(
         content_vectors=content,
         viewers=viewers,
         confidence=confidence,
+        sequence=sequence,
         params=params,
         timings=timings,
     )
+
+
+def sequence_neighbors(events: Events, n_items: int, params: ModelParams) -> sp.csr_matrix:
+    """Item-item "watched next" strengths from each user's time-ordered titles.
+
+    Two titles within ``seq_window`` positions of each other in a user's
+    sequence (episodes of one show in a row count once) add
+    exp(-(distance-1)/tau) to their pair, both ways. Dividing by the titles'
+    viewer counts to a power keeps blockbusters from being everyone's
+    neighbour; each row keeps its ``seq_neighbors`` strongest entries.
+    Cost is O(window x events), with no items x items dense matrix.
+    """
+    order = np.lexsort((events.item, events.timestamp, events.user))
+    users, items = events.user[order], events.item[order]
+    new_title = np.ones(len(users), dtype=bool)
+    new_title[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
+    users, items = users[new_title], items[new_title]
+    viewers = np.bincount(
+        np.unique(users.astype(np.int64) * n_items + items) % n_items, minlength=n_items
+    ).astype(np.float64)
+    rows, cols, weights = [], [], []
+    for distance in range(1, params.seq_window + 1):
+        same_user = users[distance:] == users[:-distance]
+        a, b = items[:-distance][same_user], items[distance:][same_user]
+        w = np.float32(np.exp(-(distance - 1) / params.seq_tau))
+        rows += [a, b]
+        cols += [b, a]
+        weights.append(np.full(2 * len(a), w, dtype=np.float32))
+    if not rows:
+        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    matrix = sp.csr_matrix(
+        (np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items), dtype=np.float32
+    )
+    matrix.sum_duplicates()
+    matrix.setdiag(0)
+    matrix.eliminate_zeros()
+    scale = (1.0 / (viewers + 1.0) ** params.seq_pop_exponent).astype(np.float32)
+    matrix = sp.csr_matrix(sp.diags(scale) @ matrix @ sp.diags(scale), dtype=np.float32)
+    return prune_rows(matrix, params.seq_neighbors)
+
+
+def prune_rows(matrix: sp.csr_matrix, keep: int) -> sp.csr_matrix:
+    """Keep each row's ``keep`` largest entries (vectorised: one sort of all entries)."""
+    matrix = matrix.tocsr()
+    matrix.sort_indices()
+    counts = np.diff(matrix.indptr)
+    row_of = np.repeat(np.arange(matrix.shape[0]), counts)
+    order = np.lexsort((-matrix.data, row_of))  # by row, strongest first
+    rank = np.arange(len(order)) - np.repeat(matrix.indptr[:-1], counts)
+    chosen = order[rank < keep]
+    chosen.sort()  # back to row order
+    pruned = sp.csr_matrix(
+        (matrix.data[chosen], matrix.indices[chosen], np.concatenate([[0], np.cumsum(np.minimum(counts, keep))])),
+        shape=matrix.shape,
+    )
+    return pruned

@@ -47,6 +47,22 @@ def holdout_split(events: Events, fraction: float = 0.25, mode: str = "random", 
     return ~held_pair[inverse]
 
 
+def evaluation_sample(events: Events, max_events: int, seed: int = 0) -> Events:
+    """Every event of a random sample of users, at most ``max_events`` in all: the evaluation's budget.
+
+    Evaluation trains a second model; past ``max_events`` its cost would grow
+    with the data while the metrics it reports are already stable. Whole users
+    are kept, so their histories and held-out titles stay intact.
+    """
+    if len(events) <= max_events:
+        return events
+    counts = np.bincount(events.user, minlength=len(events.user_ids))
+    order = np.random.default_rng(seed).permutation(len(counts))
+    chosen = np.zeros(len(counts), dtype=bool)
+    chosen[order[np.cumsum(counts[order]) <= max_events]] = True
+    return events.subset(chosen[events.user])
+
+
 def relevant_sets(events: Events, mask: np.ndarray) -> dict[int, set[int]]:
     """user index -> set of title indices among the events selected by ``mask``."""
     out: dict[int, set[int]] = {}
