@@ -76,7 +76,7 @@ class RedisServer:
                     break
             except (redis.ConnectionError, redis.BusyLoadingError):
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
+                    raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.1)
         client.close()
         return self

@@ -32,8 +32,18 @@ import urllib.request
 from pathlib import Path
 
 from harness import (
-    CACHE_ROOT, REPO_ROOT, RedisServer, children_of, demo_data, free_port, machine, mb, memory_of,
-    require_tool, run_measured, source_digest,
+    CACHE_ROOT,
+    REPO_ROOT,
+    RedisServer,
+    children_of,
+    demo_data,
+    free_port,
+    machine,
+    mb,
+    memory_of,
+    require_tool,
+    run_measured,
+    source_digest,
 )  # fmt: skip
 
 PREFIX = "recs"

@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from models.data import Catalog, Events
 from models.embeddings import Embeddings, ModelParams
-from models.recommender import BECAUSE_HISTORY, Recommender
+from models.recommender import BECAUSE_HISTORY, SEQUENCE_HISTORY, Recommender
 from models.progress import progress
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,9 @@ def build_parts(
             "history_items.npy": npy_bytes(hist_items),
             "history_weights.npy": npy_bytes(hist_weights),
             "popular.npy": npy_bytes(popular_items(events, len(catalog), embeddings.confidence)),
+            "seq_indptr.npy": npy_bytes(embeddings.sequence.indptr.astype(np.int64)),
+            "seq_indices.npy": npy_bytes(embeddings.sequence.indices.astype(np.int32)),
+            "seq_weights.npy": npy_bytes(embeddings.sequence.data.astype(np.float32)),
         }
     )
     return parts
@@ -163,11 +166,26 @@ def precompute_candidates(
     keep = min(size, recommender.n_items)
     rows_per_block = max(1, SCORE_BLOCK_ENTRIES // recommender.n_items)
 
+    sequence = sp.csr_matrix(
+        (recommender.seq_weights, recommender.seq_indices, recommender.seq_indptr),
+        shape=(recommender.n_items, recommender.n_items),
+    )
+
     def fill(rows: np.ndarray) -> None:
-        queries = recommender.user_vectors(*padded_histories(recommender, users[rows]))
+        history, weights = padded_histories(recommender, users[rows])
+        queries = recommender.user_vectors(history, weights)
         for at in range(0, len(rows), rows_per_block):
             block = rows[at : at + rows_per_block]
-            block_scores = queries[at : at + rows_per_block] @ vectors_t  # [n, titles]
+            block_scores = _zscore_rows(queries[at : at + rows_per_block] @ vectors_t)  # [n, titles]
+            if recommender.seq_weight > 0:
+                # The same blend as Recommender.blended_scores, over every title at once.
+                recent = history[at : at + rows_per_block, :SEQUENCE_HISTORY]
+                users_of, cols = np.nonzero(recent >= 0)
+                picked = sp.csr_matrix(
+                    (np.ones(len(cols), np.float32), (users_of, recent[users_of, cols])),
+                    shape=(len(block), recommender.n_items),
+                )
+                block_scores += recommender.seq_weight * _zscore_rows((picked @ sequence).toarray())
             watched = seen[users[block]]
             block_scores[np.repeat(np.arange(len(block)), np.diff(watched.indptr)), watched.indices] = -np.inf
             # torch's top-k is ~10x numpy's argpartition over a 100k-title row.
@@ -182,6 +200,14 @@ def precompute_candidates(
         for _ in progress(pool.map(fill, batches), "candidates", total=len(batches), show=show_progress):
             pass
     return candidates, scores
+
+
+def _zscore_rows(scores: np.ndarray) -> np.ndarray:
+    """Each row minus its mean over the catalogue, over its (population) standard deviation."""
+    scores = scores.astype(np.float32, copy=False)
+    mean = scores.mean(axis=1, keepdims=True)
+    spread = np.maximum(scores.std(axis=1, keepdims=True), 1e-12)
+    return (scores - mean) / spread
 
 
 def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: np.ndarray, limit: int = 2) -> np.ndarray:

@@ -45,7 +45,7 @@ class ModelParams:
     content_hidden: int = 128
     n_trees: int = 50  # Annoy trees: more = better recall, bigger index
     search_k: int = -1  # Annoy nodes inspected per query (-1 = n_trees * n)
-    history_cap: int = 500  # recent titles kept per user in the published history
+    history_cap: int = 2000  # recent titles kept per user in the published history (all but the heaviest)
     # "Watched next": titles a user watched within seq_window titles of each other are related.
     seq_window: int = 5  # positions in a user's time-ordered titles (consecutive repeats collapsed)
     seq_tau: float = 1.0  # pair weight exp(-(distance - 1) / tau): adjacent titles count most

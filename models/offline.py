@@ -69,8 +69,10 @@ def validation_score(fit: Events, truth: dict[int, set[int]], catalog: Catalog, 
 
 def candidate_params(base: ModelParams) -> list[dict]:
     """The few knobs that matter, most promising first (so a short budget still tries them)."""
+    recency = {"recency_half_life_days": 0.0} if base.recency_half_life_days else {"recency_half_life_days": 120.0}
     return [
         {},
+        recency,  # whether recency helps depends on the catalogue's time span: decide first
         {"regularization": base.regularization * 2},
         {"regularization": base.regularization / 2},
         {"factors": base.factors * 2},
@@ -78,13 +80,12 @@ def candidate_params(base: ModelParams) -> list[dict]:
         {"alpha": base.alpha / 2},
         {"factors": base.factors * 4, "regularization": base.regularization / 2},
         {"content_shrink": base.content_shrink * 4},
-        {"recency_half_life_days": 0.0},
     ]
 
 
 def time_budget(n_events: int) -> float:
-    """Seconds for selection: ~20 s on 100k events, growing sublinearly, capped."""
-    return float(min(600.0, 20.0 * max(1.0, n_events / 1e5) ** 0.5))
+    """Seconds for selection: ~30 s on 100k events, growing sublinearly, capped."""
+    return float(min(600.0, 30.0 * max(1.0, n_events / 1e5) ** 0.5))
 
 
 def select_params(

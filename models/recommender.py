@@ -31,6 +31,8 @@ from annoy import AnnoyIndex
 BECAUSE_HISTORY = 200  # most recent history titles searched for a "because"
 ANNOY_CANDIDATES = 300  # titles asked of Annoy per query before exact re-scoring
 POPULAR_CANDIDATES = 200  # most popular titles always re-scored alongside
+SEQUENCE_CANDIDATES = 50  # strongest watched-next titles re-scored alongside
+SEQUENCE_HISTORY = 2000  # history titles whose watched-next neighbours count (a whole published history)
 
 
 @dataclass
@@ -71,6 +73,16 @@ class Recommender:
         self.candidate_scores = _mapped(folder / "candidate_scores.npy") if self.candidates is not None else None
         because = folder / "candidate_because.npy"  # optional: versions published before it compute live
         self.candidate_because = _mapped(because) if self.candidates is not None and because.is_file() else None
+        self.seq_indptr = _mapped(folder / "seq_indptr.npy")
+        self.seq_indices = _mapped(folder / "seq_indices.npy")
+        self.seq_weights = _mapped(folder / "seq_weights.npy")
+        self.seq_weight = float(params.get("seq_weight", 0.0))
+        # Mean and covariance of the item vectors give the mean and spread of a query's
+        # scores over the whole catalogue without scoring it (for the z-scored blend).
+        vectors64 = np.asarray(self.vectors, dtype=np.float64)
+        self.vector_mean = vectors64.mean(axis=0)
+        self.vector_cov = np.cov(vectors64, rowvar=False, bias=True).reshape(self.dim, self.dim)
+        del vectors64
         self.rec_index = AnnoyIndex(self.dim, "dot")
         self.rec_index.load(str(folder / "recommend.ann"))  # mmap: shared between processes
         self.sim_index = AnnoyIndex(self.dim, "angular")
@@ -117,21 +129,54 @@ class Recommender:
         b = vh_t @ confidence[..., None]
         return np.linalg.solve(a, b)[..., 0].astype(np.float32)
 
-    def nearest_unseen(self, query: np.ndarray, k: int, exclude: set[int]) -> list[tuple[int, float]]:
-        """Top ``k`` titles by inner product with ``query`` through the Annoy index, minus ``exclude``.
+    def sequence_scores(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Titles "watched next" to the history and their summed strengths (sparse: (items, values))."""
+        history = np.asarray(history[:SEQUENCE_HISTORY])
+        if self.seq_weight <= 0 or len(history) == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        starts, ends = self.seq_indptr[history], self.seq_indptr[history + 1]
+        if int((ends - starts).sum()) == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        positions = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist())])
+        items, inverse = np.unique(self.seq_indices[positions], return_inverse=True)
+        return items.astype(np.int64), np.bincount(inverse, weights=self.seq_weights[positions].astype(np.float64))
+
+    def blended_scores(self, query: np.ndarray, pool: np.ndarray, seq_items: np.ndarray, seq_values: np.ndarray) -> np.ndarray:
+        """Embedding score z-scored over the catalogue, plus ``seq_weight`` x the z-scored sequence score.
+
+        Exactly what the job's batch ranking computes over every title, restricted to ``pool``.
+        """
+        q = np.asarray(query, dtype=np.float64)
+        dot = self.vectors[pool].astype(np.float64) @ q
+        spread = np.sqrt(max(float(q @ self.vector_cov @ q), 1e-12))
+        score = (dot - float(q @ self.vector_mean)) / spread
+        if len(seq_items):
+            mean = seq_values.sum() / self.n_items
+            sd = np.sqrt(max((seq_values**2).sum() / self.n_items - mean**2, 1e-24))
+            at = np.minimum(np.searchsorted(seq_items, pool), len(seq_items) - 1)
+            value = np.where(seq_items[at] == pool, seq_values[at], 0.0)
+            score = score + self.seq_weight * (value - mean) / sd
+        return score
+
+    def nearest_unseen(
+        self, query: np.ndarray, k: int, exclude: set[int], history: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
+        """Top ``k`` titles for ``query`` (and ``history``'s watched-next titles) through Annoy, minus ``exclude``.
 
         Annoy releases the GIL while it searches, so the job runs these in threads.
         """
         # Annoy's trees split by direction, so high-norm vectors (popular titles, which
-        # inner-product scoring favours) are easily missed; the popular head joins the
-        # candidates and everything is re-scored exactly.
+        # inner-product scoring favours) are easily missed; the popular head and the
+        # strongest watched-next titles join the candidates and all are re-scored exactly.
         found = self.rec_index.get_nns_by_vector(query, max(k, ANNOY_CANDIDATES) + len(exclude), search_k=self.search_k)
+        seq_items, seq_values = self.sequence_scores(history if history is not None else np.empty(0, np.int64))
+        strongest = seq_items[np.argsort(-seq_values)[: SEQUENCE_CANDIDATES + len(exclude)]].tolist()
         pool = np.fromiter(
-            (i for i in dict.fromkeys([*found, *self.popular_head]) if i not in exclude), dtype=np.int64
+            (i for i in dict.fromkeys([*found, *self.popular_head, *strongest]) if i not in exclude), dtype=np.int64
         )
         if len(pool) == 0:
             return []
-        scores = self.vectors[pool] @ np.asarray(query, dtype=self.vectors.dtype)
+        scores = self.blended_scores(query, pool, seq_items, seq_values)
         top = np.argsort(-scores, kind="stable")[:k]
         return list(zip(pool[top].tolist(), scores[top].tolist()))
 
@@ -140,7 +185,7 @@ class Recommender:
     ) -> list[tuple[int, float]]:
         """Top ``k`` unseen titles for a history, through the Annoy index."""
         exclude = set(int(i) for i in items) if exclude is None else exclude
-        return self.nearest_unseen(self.user_vector(items, weights), k, exclude)
+        return self.nearest_unseen(self.user_vector(items, weights), k, exclude, history=np.asarray(items))
 
     def because(self, recommended: list[int], history: np.ndarray, limit: int = 2) -> list[list[int]]:
         """For each recommended title, the history titles most similar to it (cosine)."""

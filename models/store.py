@@ -66,6 +66,9 @@ REQUIRED_PARTS = (
     "candidates.npy",
     "candidate_scores.npy",
     "gram.npy",
+    "seq_indptr.npy",
+    "seq_indices.npy",
+    "seq_weights.npy",
 )
 
 
