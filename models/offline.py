@@ -29,10 +29,20 @@ K = 10
 MAX_SCORED_USERS = 3000  # users scored per trial: enough for a stable mean, bounded cost
 
 
+def _z(scores: np.ndarray) -> np.ndarray:
+    return (scores - scores.mean()) / max(float(scores.std()), 1e-12)
+
+
 def exact_top_k(
-    vectors: np.ndarray, confidence: sp.csr_matrix, users: np.ndarray, regularization: float, k: int
+    vectors: np.ndarray,
+    confidence: sp.csr_matrix,
+    users: np.ndarray,
+    regularization: float,
+    k: int,
+    sequence: sp.csr_matrix | None = None,
+    seq_weight: float = 0.0,
 ) -> list[list[int]]:
-    """Top ``k`` unseen titles per user: the serving user step, scored against every title."""
+    """Top ``k`` unseen titles per user: the serving user step and blend, scored against every title."""
     v = vectors.astype(np.float64)
     gram = v.T @ v
     out = []
@@ -46,6 +56,9 @@ def exact_top_k(
         a = gram + (vh.T * (conf - 1.0)) @ vh
         a[np.diag_indices_from(a)] += regularization
         scores = v @ np.linalg.solve(a, vh.T @ conf)
+        if sequence is not None and seq_weight > 0:
+            watched_next = np.asarray(sequence[items].sum(axis=0)).ravel()
+            scores = _z(scores) + seq_weight * _z(watched_next)
         scores[items] = -np.inf
         top = np.argpartition(-scores, k)[:k]
         out.append(top[np.argsort(-scores[top])].tolist())
@@ -63,7 +76,9 @@ def validation_score(fit: Events, truth: dict[int, set[int]], catalog: Catalog, 
     # A shorter content fit is enough to compare settings; the chosen ones get the full fit.
     trial = replace(params, content_steps=min(params.content_steps, 100))
     embeddings = learn_embeddings(fit, catalog, trial, show_progress=False)
-    recs = exact_top_k(embeddings.vectors, embeddings.confidence, users, params.regularization, K)
+    recs = exact_top_k(
+        embeddings.vectors, embeddings.confidence, users, params.regularization, K, embeddings.sequence, params.seq_weight
+    )
     return ranking_metrics(recs, [truth[int(u)] for u in users], K, len(catalog))[f"ndcg@{K}"]
 
 
@@ -79,6 +94,8 @@ def candidate_params(base: ModelParams) -> list[dict]:
         {"alpha": base.alpha * 2},
         {"alpha": base.alpha / 2},
         {"factors": base.factors * 4, "regularization": base.regularization / 2},
+        {"seq_weight": base.seq_weight * 1.5},
+        {"seq_weight": base.seq_weight / 2},
         {"content_shrink": base.content_shrink * 4},
     ]
 
