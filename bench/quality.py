@@ -26,7 +26,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MOVIELENS_SMALL, REPO_ROOT, gunicorn, http_json, redis_server  # noqa: E402
+from bench.harness import REPO_ROOT, RedisServer, gunicorn, http_json  # noqa: E402
 from jobs.import_movielens import import_movielens  # noqa: E402
 from models.data import Events, load_catalog, load_events  # noqa: E402
 from models.evaluate import (  # noqa: E402
@@ -37,6 +37,7 @@ from models.evaluate import (  # noqa: E402
     relevant_sets,
 )
 
+MOVIELENS_SMALL = REPO_ROOT.parent / "shared" / "datasets" / "ml-latest-small"
 K = 10
 TARGET_NDCG = 0.41
 METRICS = (f"ndcg@{K}", f"precision@{K}", f"recall@{K}", f"map@{K}")
@@ -78,6 +79,7 @@ def run_seed(seed: int, catalog_path: Path, events_path: Path, workdir: Path) ->
     users = sorted(truth)
     relevant = [truth[u] for u in users]
     train_path = workdir / f"train-{seed}.csv"
+    (workdir / f"redis-{seed}").mkdir()
     write_events(train, catalog.item_ids, train_path)
     results = {}
 
@@ -92,7 +94,8 @@ def run_seed(seed: int, catalog_path: Path, events_path: Path, workdir: Path) ->
     )
     results["implicit ALS (defaults)"]["seconds"] = time.perf_counter() - started
 
-    with redis_server() as redis_url:
+    with RedisServer(workdir / f"redis-{seed}") as server:
+        redis_url = server.url
         env = dict(os.environ, REDIS_URL=redis_url, PYTHONPATH=str(REPO_ROOT))
         started = time.perf_counter()
         job = subprocess.run(
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             f"cold start (titles held out of training, placed by content): hit rate@{cold['k']} "
             f"{cold['hit_rate']:.4f} vs random {cold['random_hit_rate']:.4f} = {cold['lift']:.1f}x"
         )
-    print("\nnightly job summary (seed %d):\n%s" % (seeds[0], runs[0]["job_summary"]))
+    print(f"\nnightly job summary (seed {seeds[0]}):\n{runs[0]['job_summary']}")
     verdict = "meets" if served >= TARGET_NDCG else "MISSES"
     print(f"target served nDCG@{K} >= {TARGET_NDCG}: {verdict}")
     return 0 if served >= TARGET_NDCG else 1
