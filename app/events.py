@@ -93,6 +93,7 @@ def post_events():
         response = error_response(503, "the event store (Redis) is unavailable; nothing was stored: retry later")
         response.headers["Retry-After"] = "1"
         return response
+    current_app.extensions["live_model"].note_fresh({e.user_id for e in events})
     model = current_app.extensions["live_model"].current
     known = model.item_index if model is not None else {}
     not_in_model = sorted({e.item_id for e in events if e.item_id not in known})

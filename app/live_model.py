@@ -38,6 +38,7 @@ class LiveModel:
         self.redis_ok = True
         self.last_error: str | None = None
         self.refused: dict[str, str] = {}  # version -> why it was refused
+        self.fresh_users: set[str] | None = None  # None = unknown: ask Redis on every request
         self.events: EventLog | None = None  # set by app.events.init_events (short-timeout client)
         self._fresh_retry_at = 0.0
         self._switch_lock = threading.Lock()
@@ -61,6 +62,9 @@ class LiveModel:
         events = self.events
         if events is None or time.monotonic() < self._fresh_retry_at:
             return None, None
+        known = self.fresh_users
+        if known is not None and user_id not in known:
+            return None, None  # no fresh events for this user: no Redis round trip
         try:
             raw = events.fresh_raw(user_id)
         except redis.RedisError as exc:
@@ -141,15 +145,37 @@ class LiveModel:
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
+    def note_fresh(self, user_ids) -> None:
+        """Users who just got fresh events through this worker (others learn by pub/sub)."""
+        known = self.fresh_users
+        if known is not None:
+            known.update(user_ids)
+
+    def _sync_fresh_users(self) -> None:
+        """Who has fresh history at all; after this, notices keep the set current."""
+        names = self.store.redis.hkeys(self.store.keys.fresh_history)
+        self.fresh_users = {name.decode() for name in names}
+
     def _listen(self) -> None:
-        """Wake the watcher as soon as a publish is announced (the poll stays as a fallback)."""
+        """Wake the watcher as soon as a publish is announced (the poll stays as a fallback),
+        and keep the set of users with fresh events, so that /recommend asks Redis only
+        for them. Until the subscription works (or while it is broken) the set is None
+        and every request asks Redis, which is always correct."""
+        keys = self.store.keys
         while not self._stop.is_set():
             try:
                 pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.store.keys.live_channel)
+                pubsub.subscribe(keys.live_channel, keys.fresh_channel)
+                self._sync_fresh_users()  # after subscribing: no notice can fall in between
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    if message["channel"].decode() == keys.fresh_channel:
+                        self.note_fresh(message["data"].decode().split("\n"))
+                    else:
                         self._wake.set()
+                        self._sync_fresh_users()  # a new version: the job dropped consumed entries
             except Exception:
+                self.fresh_users = None
                 time.sleep(1.0)

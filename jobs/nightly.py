@@ -29,9 +29,9 @@ import numpy as np
 from models.build import build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
 from models.embeddings import ModelParams, learn_embeddings
-from models.offline import cold_start_evaluation, select_params
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import take_for_job
+from models.offline import cold_start_evaluation, select_params
 from models.progress import report
 from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
 

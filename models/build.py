@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 import scipy.sparse as sp
-from annoy import AnnoyIndex
 import torch
+from annoy import AnnoyIndex
 from threadpoolctl import threadpool_limits
 
 from models.data import Catalog, Events
 from models.embeddings import Embeddings, ModelParams
-from models.recommender import BECAUSE_HISTORY, SEQUENCE_HISTORY, Recommender
 from models.progress import progress
+from models.recommender import BECAUSE_HISTORY, SEQUENCE_HISTORY, Recommender
 
 log = logging.getLogger(__name__)
 

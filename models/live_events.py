@@ -45,8 +45,10 @@ READ_BATCH = 10_000
 _APPEND = """
 local max_bytes = tonumber(ARGV[1])
 local ids = {}
+local users = {}
 for n = 2, #ARGV, 4 do
   local user, item, ts, ws = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
+  users[#users + 1] = user
   local id = redis.call('XADD', KEYS[1], '*', 'u', user, 'i', item, 't', ts, 'w', ws)
   local entry = id .. '\\t' .. item .. '\\t' .. ts .. '\\t' .. ws
   local old = redis.call('HGET', KEYS[2], user)
@@ -59,6 +61,8 @@ for n = 2, #ARGV, 4 do
   redis.call('HSET', KEYS[2], user, value)
   ids[#ids + 1] = id
 end
+-- Tell every serving worker which users now have fresh history (see app.live_model).
+redis.call('PUBLISH', KEYS[3], table.concat(users, '\\n'))
 return ids
 """
 
@@ -116,7 +120,7 @@ class EventLog:
         for event in events:
             seconds = "" if event.watch_seconds is None else repr(float(event.watch_seconds))
             args += [event.user_id, event.item_id, str(int(event.timestamp)), seconds]
-        ids = self._append(keys=[self.keys.events_stream, self.keys.fresh_history], args=args)
+        ids = self._append(keys=[self.keys.events_stream, self.keys.fresh_history, self.keys.fresh_channel], args=args)
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
     def fresh_raw(self, user_id: str) -> bytes | None:

@@ -118,6 +118,11 @@ class Keys:
     def live_channel(self) -> str:
         return f"{self.prefix}:channel:live"
 
+    @property
+    def fresh_channel(self) -> str:
+        """pub/sub: user ids (newline-separated) that just got fresh events."""
+        return f"{self.prefix}:channel:fresh"
+
     def meta(self, version: str) -> str:
         return f"{self.prefix}:version:{version}:meta"
 

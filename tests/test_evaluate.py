@@ -48,7 +48,7 @@ def test_holdout_split_per_user(mode):
     pairs = []
     for user in range(50):
         for item in rng.choice(100, size=rng.integers(1, 30), replace=False):
-            for repeat in range(rng.integers(1, 3)):  # repeated viewings of one title
+            for _ in range(rng.integers(1, 3)):  # repeated viewings of one title
                 pairs.append((user, int(item), int(rng.integers(0, 10**6))))
     events = make_events(pairs)
     train = holdout_split(events, 0.25, mode, seed=1)

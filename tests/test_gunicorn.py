@@ -52,3 +52,39 @@ def test_publish_while_requests_flow_fails_nothing(redis_server, store, trained_
     assert versions[0] == first and versions[-1] == second
     # Each worker switched once and never went back.
     assert versions.index(second) > 0
+
+
+def test_fresh_events_reach_every_worker_at_once(redis_server, store, trained_demo, tmp_path):
+    """Workers skip the per-request Redis read for users without fresh events; a POST to
+    one worker must still change what *every* worker recommends on the very next request."""
+    from tests.helpers import post_json
+
+    store.publish(trained_demo.parts, trained_demo.meta)
+    process, base = start_gunicorn(redis_server.url, store.keys.prefix, tmp_path / "cache")
+    try:
+        users = json.loads(trained_demo.parts["users.json"])
+        time.sleep(1.5)  # let both workers' listeners subscribe and sync
+        for user in users[:5]:
+            _, before = get(f"{base}/recommend?user={user}&k=5")
+            watched = before["items"][0]["item_id"]
+            status, body = post_json(
+                f"{base}/events", {"user_id": user, "item_id": watched, "timestamp": int(time.time())}
+            )
+            assert status == 200, body
+            # Concurrent requests: one sync worker is busy, so the other answers too.
+            answers: list[tuple[int, dict]] = []
+
+            def ask() -> None:
+                for _ in range(5):
+                    answers.append(get(f"{base}/recommend?user={user}&k=5"))
+
+            askers = [threading.Thread(target=ask) for _ in range(4)]
+            for asker in askers:
+                asker.start()
+            for asker in askers:
+                asker.join(30)
+            assert len(answers) == 20 and all(status == 200 for status, _ in answers)
+            for _, after in answers:
+                assert watched not in [item["item_id"] for item in after["items"]]
+    finally:
+        stop(process)
