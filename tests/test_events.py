@@ -313,3 +313,29 @@ def test_a_failed_job_consumes_nothing(client, store, demo_files, tmp_path):
     assert store.live_version() == live_before
     assert live_of(client).fresh_history(live_of(client).current, "f1")[0] is not None
     assert store.redis.xlen(store.keys.events_stream) == 1
+
+
+def test_a_new_user_with_two_titles_gets_personalised_results(client):
+    """Short histories (1-3 titles) are personalised, not the popular list."""
+    model = live_of(client).current
+    # Two titles of one genre, away from the very top of the popular list.
+    genres = model.items["genres"]
+    first = next(int(i) for i in model.popular[40:] if genres[int(i)])
+    genre = genres[first][0]
+    second = next(int(i) for i in model.popular[40:] if int(i) != first and genre in genres[int(i)])
+    now = 1_800_000_000
+    events = [
+        {"user_id": "brand-new-viewer", "item_id": model.item_ids[i], "timestamp": now + n, "watch_seconds": 1800}
+        for n, i in enumerate((first, second))
+    ]
+    assert client.post("/events", json=events).status_code == 200
+    body = client.get("/recommend?user=brand-new-viewer&k=10").get_json()
+    assert body["strategy"] == "personalized"
+    ids = [item["item_id"] for item in body["items"]]
+    popular = [model.item_ids[i] for i in model.popular[:10]]
+    assert ids != popular
+    assert not {model.item_ids[first], model.item_ids[second]} & set(ids)
+    assert all(set(item["because"]) <= {model.item_ids[first], model.item_ids[second]} for item in body["items"])
+    # Their taste shows: more of the genre than the popular list has.
+    in_genre = sum(genre in genres[model.item_index[i]] for i in ids)
+    assert in_genre > sum(genre in genres[model.item_index[i]] for i in popular)
