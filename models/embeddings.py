@@ -41,6 +41,10 @@ class ModelParams:
     recency_half_life_days: float = 120.0  # older viewings fade to recency_floor; 0 disables
     recency_floor: float = 0.35
     content_shrink: float = 5.0  # viewers at which CF and content weigh equally in the blend
+    # Titles nobody watched get this quantile of warm titles' vector length (0 = off). Content-only
+    # vectors come out short, so at scale new titles rarely win a dot product; 0.75 gave ~12x
+    # random cold-start placement on MovieLens and the demo data but cost 0.01 nDCG@10 on MovieLens.
+    cold_norm_quantile: float = 0.0
     content_steps: int = 300  # optimizer steps of the content MLP (batches of 1024 titles)
     content_hidden: int = 128
     n_trees: int = 50  # Annoy trees: more = better recall, bigger index
@@ -220,6 +224,13 @@ def learn_embeddings(
     # Evidence weight: 0 viewers -> content only; many viewers -> collaborative.
     trust = (viewers / (viewers + params.content_shrink)).astype(np.float32)[:, None]
     vectors = (trust * cf_items + (1.0 - trust) * content).astype(np.float32)
+    cold = viewers == 0
+    if params.cold_norm_quantile > 0 and cold.any() and (~cold).any():
+        # Regression shrinks predictions towards the mean, so content-only vectors come out
+        # short and never win a dot product: give them a typical warm title's length.
+        target = np.quantile(np.linalg.norm(cf_items[~cold], axis=1), params.cold_norm_quantile)
+        lengths = np.linalg.norm(vectors[cold], axis=1, keepdims=True)
+        vectors[cold] *= (target / np.maximum(lengths, 1e-9)).astype(np.float32)
     return Embeddings(
         vectors=vectors,
         cf_vectors=cf_items,

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from models.data import load_catalog, load_events
 from models.embeddings import ModelParams, learn_embeddings
@@ -57,3 +58,20 @@ def test_watch_time_and_recency_shape_confidence(tiny_catalog, tmp_path):
     assert weights[0] == 1.0 and abs(weights[1] - 0.1) < 1e-6
     assert abs(weights[2] - 0.25) < 1e-6
     assert weights[3] == 1.0
+
+
+def test_cold_titles_can_be_given_a_typical_length(demo_files, tmp_path):
+    catalog_frame = pd.read_csv(demo_files["catalog"], dtype=str, keep_default_na=False)
+    new = {**catalog_frame.iloc[0].to_dict(), "item_id": "new-show", "title": "Brand New Show"}
+    path = tmp_path / "catalog.csv"
+    pd.concat([catalog_frame, pd.DataFrame([new])]).to_csv(path, index=False)
+    catalog, _ = load_catalog(path)
+    events, _ = load_events(demo_files["events"], catalog)
+    row = catalog.index["new-show"]
+    plain = learn_embeddings(events, catalog, ModelParams(content_steps=50), show_progress=False)
+    scaled = learn_embeddings(events, catalog, ModelParams(content_steps=50, cold_norm_quantile=0.5), show_progress=False)
+    warm_median = np.median(np.linalg.norm(scaled.cf_vectors[scaled.viewers > 0], axis=1))
+    assert np.linalg.norm(scaled.vectors[row]) == pytest.approx(warm_median, rel=1e-4)
+    cosine = plain.vectors[row] @ scaled.vectors[row] / np.linalg.norm(plain.vectors[row]) / np.linalg.norm(scaled.vectors[row])
+    assert cosine == pytest.approx(1.0, abs=1e-5)  # same direction, only longer
+    assert np.array_equal(plain.vectors[scaled.viewers > 0], scaled.vectors[scaled.viewers > 0])
