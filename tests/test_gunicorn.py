@@ -74,11 +74,11 @@ def test_fresh_events_reach_every_worker_at_once(redis_server, store, trained_de
             # Concurrent requests: one sync worker is busy, so the other answers too.
             answers: list[tuple[int, dict]] = []
 
-            def ask() -> None:
+            def ask(user: str, answers: list) -> None:
                 for _ in range(5):
                     answers.append(get(f"{base}/recommend?user={user}&k=5"))
 
-            askers = [threading.Thread(target=ask) for _ in range(4)]
+            askers = [threading.Thread(target=ask, args=(user, answers)) for _ in range(4)]
             for asker in askers:
                 asker.start()
             for asker in askers:
