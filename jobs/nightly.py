@@ -307,15 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         return run_from_cli(config)
     try:
         result = run_nightly(config)
-    except DataError as exc:
-        print(f"error: bad input data; nothing was published.\n{exc}", file=sys.stderr)
-        return 2
     except Exception as exc:  # the live model stays as it was; say why we stopped
-        log.exception("nightly job failed")
-        print(f"error: nightly job failed; the live model is unchanged: {exc}", file=sys.stderr)
-        return 1
+        return failure_exit_code(exc)
     print_summary(result)
     return 0
+
+
+def failure_exit_code(exc: Exception) -> int:
+    """Say why the job stopped; exit code 2 for bad input data, 1 for anything else."""
+    if isinstance(exc, DataError):
+        print(f"error: bad input data; nothing was published.\n{exc}", file=sys.stderr)
+        return 2
+    log.error("nightly job failed", exc_info=exc)
+    print(f"error: nightly job failed; the live model is unchanged: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -504,8 +504,7 @@ def run_job(config, store: ModelStore | None = None) -> RunOutcome:
 
 def run_from_cli(config) -> int:
     """``python -m jobs.nightly`` for a publishing run: exit codes as documented there."""
-    from jobs.nightly import print_summary
-    from models.data import DataError
+    from jobs.nightly import failure_exit_code, print_summary
 
     def terminate(signum, frame):
         raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
@@ -522,13 +521,8 @@ def run_from_cli(config) -> int:
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 4
-    except DataError as exc:
-        print(f"error: bad input data; nothing was published.\n{exc}", file=sys.stderr)
-        return 2
     except Exception as exc:  # the live model stays as it was; say why we stopped
-        log.exception("nightly job failed")
-        print(f"error: nightly job failed; the live model is unchanged: {exc}", file=sys.stderr)
-        return 1
+        return failure_exit_code(exc)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
