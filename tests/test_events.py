@@ -46,17 +46,22 @@ def live_of(client):
     return client.application.extensions["live_model"]
 
 
-def run_job(demo_files, store, **overrides) -> dict:
-    config = NightlyConfig(
+def job_config(demo_files, prefix: str, **overrides) -> NightlyConfig:
+    """A quick nightly run on the demo data (no evaluation, tiny model) for fault and event tests."""
+    settings = dict(
         events=str(demo_files["events"]),
         catalog=str(demo_files["catalog"]),
-        prefix=store.keys.prefix,
+        prefix=prefix,
         evaluate=False,
         show_progress=False,
         params=FAST,
-        **overrides,
     )
-    return run_nightly(config, store=store).meta
+    settings.update(overrides)
+    return NightlyConfig(**settings)
+
+
+def run_job(demo_files, store, **overrides) -> dict:
+    return run_nightly(job_config(demo_files, store.keys.prefix, **overrides), store=store).meta
 
 
 def event(user, item, ts=1_700_000_000, seconds=None):
@@ -299,17 +304,7 @@ def test_a_failed_job_consumes_nothing(client, store, demo_files, tmp_path):
     bad = tmp_path / "catalog.csv"
     bad.write_text("item_id;title\na;A\n")
     with pytest.raises(Exception, match="not comma-separated"):
-        run_nightly(
-            NightlyConfig(
-                events=str(demo_files["events"]),
-                catalog=str(bad),
-                prefix=store.keys.prefix,
-                evaluate=False,
-                show_progress=False,
-                params=FAST,
-            ),
-            store=store,
-        )
+        run_nightly(job_config(demo_files, store.keys.prefix, catalog=str(bad)), store=store)
     assert store.live_version() == live_before
     assert live_of(client).fresh_history(live_of(client).current, "f1")[0] is not None
     assert store.redis.xlen(store.keys.events_stream) == 1

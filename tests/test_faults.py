@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.nightly import NightlyConfig, run_nightly
+from jobs.nightly import run_nightly
 from models.live_events import EventLog
 from models.recommender import Recommender
 from models.store import ModelError
 from tests.conftest import REPO_ROOT
 from tests.helpers import get, post_json, start_gunicorn, stop
-from tests.test_events import FAST, make_app
+from tests.test_events import job_config, make_app
 
 pytestmark = pytest.mark.slow
 
@@ -229,17 +229,7 @@ def test_sigkill_during_publish_leaves_the_old_version_live(redis_server, store,
     assert app.extensions["live_model"].version == old
     assert app.test_client().get("/recommend?user=someone").status_code == 200
     # The next run publishes normally and the service follows.
-    meta = run_nightly(
-        NightlyConfig(
-            events=str(demo_files["events"]),
-            catalog=str(demo_files["catalog"]),
-            prefix=store.keys.prefix,
-            evaluate=False,
-            show_progress=False,
-            params=FAST,
-        ),
-        store=store,
-    ).meta
+    meta = run_nightly(job_config(demo_files, store.keys.prefix), store=store).meta
     assert store.live_version() == meta["model_version"] != old
     assert app.extensions["live_model"].refresh() is True
 
@@ -269,18 +259,11 @@ def test_events_survive_a_redis_restart_and_reach_the_model_exactly_once(
     redis_server.restart()  # SIGTERM, then start from the AOF
     in_stream = store.redis.xlen(store.keys.events_stream)
 
-    config = NightlyConfig(
-        events=str(demo_files["events"]),
-        catalog=str(demo_files["catalog"]),
-        prefix=store.keys.prefix,
-        evaluate=False,
-        show_progress=False,
-        params=FAST,
-    )
+    config = job_config(demo_files, store.keys.prefix)
     meta = run_nightly(config, store=store).meta
     files_only = run_nightly(dataclasses.replace(config, publish=False, live_events=False)).meta
     model = Recommender(store.materialize(meta["model_version"], tmp_path / "check"))
-    alpha, eps = FAST.alpha, FAST.eps
+    alpha, eps = config.params.alpha, config.params.eps
     single = 1.0 + alpha * np.log1p(1.0 / eps)  # one full, newest viewing (models.embeddings.confidence_matrix)
     lost = doubled = 0
     for u in range(n_users):
@@ -336,17 +319,7 @@ def test_hostile_event_files_fail_clearly_and_publish_nothing(store, trained_dem
     bad = tmp_path / "bad-events.csv"
     bad.write_bytes(content)
     with pytest.raises(DataError) as error:
-        run_nightly(
-            NightlyConfig(
-                events=str(bad),
-                catalog=str(demo_files["catalog"]),
-                prefix=store.keys.prefix,
-                evaluate=False,
-                show_progress=False,
-                params=FAST,
-            ),
-            store=store,
-        )
+        run_nightly(job_config(demo_files, store.keys.prefix, events=str(bad)), store=store)
     assert message in str(error.value) and "bad-events.csv" in str(error.value)
     assert store.live_version() == live and [m["model_version"] for m in store.versions()] == [live]
 

@@ -16,10 +16,10 @@ import pytest
 import redis
 
 from app import create_app
-from jobs.nightly import NightlyConfig, run_nightly
+from jobs.nightly import run_nightly
 from models.store import ModelStore, redis_from_url
 from tests.conftest import REPO_ROOT, free_port
-from tests.test_events import FAST
+from tests.test_events import job_config
 
 PASSWORD = "s3cret-Pass_word"
 
@@ -129,17 +129,7 @@ def serve_and_use(url: str, trained_demo, demo_files, tmp_path) -> None:
     body = client.get(f"/recommend?user={user}").get_json()
     assert item not in [i["item_id"] for i in body["items"]]
     assert client.get("/readyz").get_json()["status"] == "ready"
-    meta = run_nightly(
-        NightlyConfig(
-            events=str(demo_files["events"]),
-            catalog=str(demo_files["catalog"]),
-            redis_url=url,
-            prefix="sec",
-            evaluate=False,
-            show_progress=False,
-            params=FAST,
-        )
-    ).meta
+    meta = run_nightly(job_config(demo_files, "sec", redis_url=url)).meta
     assert meta["live_events"]["events"] == 1
     assert app.extensions["live_model"].refresh() is True
 
