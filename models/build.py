@@ -56,24 +56,35 @@ def annoy_bytes(vectors: np.ndarray, metric: str, n_trees: int, seed: int) -> by
 
 
 def recent_histories(events: Events, confidence: sp.csr_matrix, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR (indptr, items, confidences) of each user's distinct titles, newest first, capped."""
-    n_users = len(events.user_ids)
-    # Last time each (user, title) pair was watched, then order within the user by it.
-    order = np.lexsort((events.timestamp, events.item, events.user))
-    u, i, t = events.user[order], events.item[order], events.timestamp[order]
-    last = np.ones(len(u), dtype=bool)
-    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
-    u, i, t = u[last], i[last], t[last]
-    by_recency = np.lexsort((-t, u))
-    u, i = u[by_recency], i[by_recency]
+    """CSR (indptr, items, confidences) of each user's distinct titles, newest first, capped.
+
+    ``confidence`` is the users x titles matrix trained on ``events``.
+    """
+    events = events.in_time_order()
+    n_users, n_items = len(events.user_ids), confidence.shape[1]
+    pair = events.user.astype(np.int64) * n_items + events.item
+    by_pair = np.argsort(pair, kind="stable")  # by (user, title), then time
+    sorted_pairs = pair[by_pair]
+    last = np.ones(len(pair), dtype=bool)
+    last[:-1] = sorted_pairs[1:] != sorted_pairs[:-1]
+    newest = by_pair[last]  # each (user, title)'s latest viewing, in (user, title) order
+    pair_users = events.user[newest]
+    if confidence.has_canonical_format and confidence.nnz == len(newest):
+        weights = confidence.data.astype(np.float32)  # the same (user, title) order
+    else:
+        weights = np.asarray(confidence[pair_users, events.item[newest]]).ravel().astype(np.float32)
+    # Events are in time order per user, so a viewing's position orders it in time: reverse
+    # each user's block of positions (newest first) with one scatter instead of a sort.
+    user_start = np.searchsorted(events.user, np.arange(n_users + 1))
+    slot = np.full(len(pair), -1, dtype=np.int64)
+    slot[user_start[pair_users] + user_start[pair_users + 1] - 1 - newest] = np.arange(len(newest))
+    order = slot[slot >= 0]
+    u, i, w = pair_users[order], events.item[newest][order], weights[order]
     counts = np.bincount(u, minlength=n_users)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(u)) - starts[u]
-    keep = rank < cap
-    u, i = u[keep], i[keep]
-    weights = np.asarray(confidence[u, i]).ravel().astype(np.float32)
+    keep = np.arange(len(u)) - starts[u] < cap
     indptr = np.concatenate([[0], np.cumsum(np.minimum(counts, cap))]).astype(np.int64)
-    return indptr, i.astype(np.int32), weights
+    return indptr, i[keep].astype(np.int32), w[keep]
 
 
 def popular_items(events: Events, n_items: int, confidence: sp.csr_matrix) -> np.ndarray:
@@ -165,7 +176,7 @@ def precompute_candidates(
     vectors_t = np.ascontiguousarray(np.asarray(recommender.vectors, dtype=np.float32).T)
     keep = min(size, recommender.n_items)
     rows_per_block = max(1, SCORE_BLOCK_ENTRIES // recommender.n_items)
-
+    blend = recommender.seq_weight > 0
     sequence = sp.csr_matrix(
         (recommender.seq_weights, recommender.seq_indices, recommender.seq_indptr),
         shape=(recommender.n_items, recommender.n_items),
@@ -174,25 +185,41 @@ def precompute_candidates(
     def fill(rows: np.ndarray) -> None:
         history, weights = padded_histories(recommender, users[rows])
         queries = recommender.user_vectors(history, weights)
+        # Recommender.blended_scores over every title. Both z-scores are affine per user, so the
+        # block is scored as (q / spread) . v plus the sparse watched-next term, and each row's
+        # constant (-mean / spread terms) is added back to the chosen scores only.
+        q64 = queries.astype(np.float64)
+        spread = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", q64, recommender.vector_cov, q64), 1e-12))
+        offset = -(q64 @ recommender.vector_mean) / spread
+        scaled = (q64 / spread[:, None]).astype(np.float32)
         for at in range(0, len(rows), rows_per_block):
             block = rows[at : at + rows_per_block]
-            block_scores = _zscore_rows(queries[at : at + rows_per_block] @ vectors_t)  # [n, titles]
-            if recommender.seq_weight > 0:
-                # The same blend as Recommender.blended_scores, over every title at once.
+            block_scores = scaled[at : at + rows_per_block] @ vectors_t  # [n, titles]
+            row_offset = offset[at : at + rows_per_block].copy()
+            if blend:
                 recent = history[at : at + rows_per_block, :SEQUENCE_HISTORY]
                 users_of, cols = np.nonzero(recent >= 0)
                 picked = sp.csr_matrix(
                     (np.ones(len(cols), np.float32), (users_of, recent[users_of, cols])),
                     shape=(len(block), recommender.n_items),
                 )
-                block_scores += recommender.seq_weight * _zscore_rows((picked @ sequence).toarray())
+                watched_next = (picked @ sequence).tocsr()  # summed strengths, few titles per user
+                row_of = np.repeat(np.arange(len(block)), np.diff(watched_next.indptr))
+                values = watched_next.data.astype(np.float64)
+                mean = np.bincount(row_of, values, len(block)) / recommender.n_items
+                squares = np.bincount(row_of, values**2, len(block)) / recommender.n_items
+                has_any = np.diff(watched_next.indptr) > 0  # no watched-next titles: no term at all
+                scale = np.where(has_any, recommender.seq_weight / np.sqrt(np.maximum(squares - mean**2, 1e-24)), 0.0)
+                flat = row_of * recommender.n_items + watched_next.indices  # 1-D indexing: ~1.5x faster
+                block_scores.reshape(-1)[flat] += (values * scale[row_of]).astype(np.float32)
+                row_offset -= mean * scale
             watched = seen[users[block]]
             block_scores[np.repeat(np.arange(len(block)), np.diff(watched.indptr)), watched.indices] = -np.inf
             # torch's top-k is ~10x numpy's argpartition over a 100k-title row.
             top_scores, top = (t.numpy() for t in torch.topk(torch.from_numpy(block_scores), keep, dim=1))
             unseen = np.isfinite(top_scores)  # a user who has seen almost everything gets fewer
             candidates[block, :keep] = np.where(unseen, top, -1)
-            scores[block, :keep] = np.where(unseen, top_scores, 0.0)
+            scores[block, :keep] = np.where(unseen, top_scores + row_offset[:, None].astype(np.float32), 0.0)
 
     batches = history_batches(recommender, users)
     # One BLAS thread per worker thread: the threads already use every core.
@@ -200,14 +227,6 @@ def precompute_candidates(
         for _ in progress(pool.map(fill, batches), "candidates", total=len(batches), show=show_progress):
             pass
     return candidates, scores
-
-
-def _zscore_rows(scores: np.ndarray) -> np.ndarray:
-    """Each row minus its mean over the catalogue, over its (population) standard deviation."""
-    scores = scores.astype(np.float32, copy=False)
-    mean = scores.mean(axis=1, keepdims=True)
-    spread = np.maximum(scores.std(axis=1, keepdims=True), 1e-12)
-    return (scores - mean) / spread
 
 
 def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: np.ndarray, limit: int = 2) -> np.ndarray:

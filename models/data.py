@@ -71,7 +71,7 @@ class Events:
         return len(self.user)
 
     def subset(self, mask: np.ndarray) -> Events:
-        """Rows where ``mask`` holds; user ids are kept so indices stay valid."""
+        """Rows where ``mask`` holds (or at these positions); user ids are kept so indices stay valid."""
         return Events(
             self.user_ids,
             self.user[mask],
@@ -79,6 +79,30 @@ class Events:
             self.timestamp[mask],
             self.watch_seconds[mask],
         )
+
+    def in_time_order(self) -> Events:
+        """These events ordered by user, then time, then title: each user's viewings as they happened.
+
+        :func:`load_events` returns them in this order and :meth:`subset` keeps
+        it, so this is one O(n) check; events built otherwise are sorted here.
+        """
+        u, t, i = self.user, self.timestamp, self.item
+        same_user = u[1:] == u[:-1]
+        same_time = same_user & (t[1:] == t[:-1])
+        ordered = (u[1:] >= u[:-1]) & (~same_user | (t[1:] >= t[:-1])) & (~same_time | (i[1:] >= i[:-1]))
+        return self if ordered.all() else self.subset(_time_order(u, t, i))
+
+
+def _time_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """Permutation sorting by (user, timestamp, item): one int64 sort when the key fits, else lexsort."""
+    if len(user) == 0:
+        return np.arange(0)
+    t0, span = int(timestamp.min()), int(timestamp.max() - timestamp.min()) + 1
+    n_items = int(item.max()) + 1
+    if (int(user.max()) + 1) * span * n_items < 2**62:
+        key = (user.astype(np.int64) * span + (timestamp - t0)) * n_items + item
+        return np.argsort(key, kind="stable")
+    return np.lexsort((item, timestamp, user))
 
 
 @dataclass
@@ -361,7 +385,8 @@ def load_events(
     """Read and validate watch events against ``catalog``.
 
     Events for titles missing from the catalogue are dropped, counted and
-    reported (they are not contract violations: the catalogue may lag).
+    reported (they are not contract violations: the catalogue may lag). The
+    result is in time order per user (:meth:`Events.in_time_order`).
     """
     report = LoadReport()
     rejections = _Rejections(report)
@@ -438,7 +463,7 @@ def load_events(
     )
     if len(events) == 0:
         raise DataError(f"{', '.join(report.files)}: no valid events (of {report.rows_read} rows read)")
-    return events, report
+    return events.in_time_order(), report
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,7 @@ def learn_embeddings(
     timings["content_model"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sequence = sequence_neighbors(events, len(catalog), params)
+    sequence = sequence_neighbors(events, len(catalog), params, viewers)
     timings["sequence"] = time.perf_counter() - started
 
     # Evidence weight: 0 viewers -> content only; many viewers -> collaborative.
@@ -243,57 +243,65 @@ def learn_embeddings(
     )
 
 
-def sequence_neighbors(events: Events, n_items: int, params: ModelParams) -> sp.csr_matrix:
+def sequence_neighbors(
+    events: Events, n_items: int, params: ModelParams, viewers: np.ndarray | None = None
+) -> sp.csr_matrix:
     """Item-item "watched next" strengths from each user's time-ordered titles.
 
     Two titles within ``seq_window`` positions of each other in a user's
     sequence (episodes of one show in a row count once) add
     exp(-(distance-1)/tau) to their pair, both ways. Dividing by the titles'
-    viewer counts to a power keeps blockbusters from being everyone's
-    neighbour; each row keeps its ``seq_neighbors`` strongest entries.
-    Cost is O(window x events), with no items x items dense matrix.
+    viewer counts (distinct users; computed when not given) to a power keeps
+    blockbusters from being everyone's neighbour; each row keeps its
+    ``seq_neighbors`` strongest entries. Cost is O(window x events) plus one
+    sparse build, with no items x items dense matrix.
     """
-    order = np.lexsort((events.item, events.timestamp, events.user))
-    users, items = events.user[order], events.item[order]
+    events = events.in_time_order()
+    users, items = events.user, events.item
     new_title = np.ones(len(users), dtype=bool)
     new_title[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
     users, items = users[new_title], items[new_title]
-    viewers = np.bincount(
-        np.unique(users.astype(np.int64) * n_items + items) % n_items, minlength=n_items
-    ).astype(np.float64)
+    if viewers is None:
+        viewers = np.bincount(
+            np.unique(users.astype(np.int64) * n_items + items) % n_items, minlength=n_items
+        )
+    # Each pair once (smaller title first), summed by the sparse build, then mirrored.
     rows, cols, weights = [], [], []
     for distance in range(1, params.seq_window + 1):
         same_user = users[distance:] == users[:-distance]
         a, b = items[:-distance][same_user], items[distance:][same_user]
-        w = np.float32(np.exp(-(distance - 1) / params.seq_tau))
-        rows += [a, b]
-        cols += [b, a]
-        weights.append(np.full(2 * len(a), w, dtype=np.float32))
-    if not rows:
+        other = a != b  # a title next to itself (re-watched after another) is no neighbour
+        a, b = a[other], b[other]
+        rows.append(np.minimum(a, b))
+        cols.append(np.maximum(a, b))
+        weights.append(np.full(len(a), np.exp(-(distance - 1) / params.seq_tau), dtype=np.float32))
+    if not rows or not sum(len(r) for r in rows):
         return sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    matrix = sp.csr_matrix(
-        (np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items), dtype=np.float32
-    )
-    matrix.sum_duplicates()
-    matrix.setdiag(0)
-    matrix.eliminate_zeros()
-    scale = (1.0 / (viewers + 1.0) ** params.seq_pop_exponent).astype(np.float32)
-    matrix = sp.csr_matrix(sp.diags(scale) @ matrix @ sp.diags(scale), dtype=np.float32)
+    upper = sp.coo_matrix(
+        (np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items)
+    ).tocsr()  # sums repeated pairs
+    del rows, cols, weights
+    matrix = (upper + upper.T).tocsr()
+    scale = (1.0 / (np.asarray(viewers, dtype=np.float64) + 1.0) ** params.seq_pop_exponent).astype(np.float32)
+    matrix.data *= scale[np.repeat(np.arange(n_items), np.diff(matrix.indptr))] * scale[matrix.indices]
     return prune_rows(matrix, params.seq_neighbors)
 
 
 def prune_rows(matrix: sp.csr_matrix, keep: int) -> sp.csr_matrix:
-    """Keep each row's ``keep`` largest entries (vectorised: one sort of all entries)."""
+    """Keep each row's ``keep`` largest entries, in column order.
+
+    Only rows longer than ``keep`` are touched, each with one O(row) partial
+    sort, so the cost is linear in the entries (a global sort was 5x slower).
+    """
     matrix = matrix.tocsr()
     matrix.sort_indices()
     counts = np.diff(matrix.indptr)
-    row_of = np.repeat(np.arange(matrix.shape[0]), counts)
-    order = np.lexsort((-matrix.data, row_of))  # by row, strongest first
-    rank = np.arange(len(order)) - np.repeat(matrix.indptr[:-1], counts)
-    chosen = order[rank < keep]
-    chosen.sort()  # back to row order
-    pruned = sp.csr_matrix(
+    chosen = np.ones(matrix.nnz, dtype=bool)
+    for row in np.flatnonzero(counts > keep).tolist():
+        start, end = matrix.indptr[row], matrix.indptr[row + 1]
+        weakest = np.argpartition(matrix.data[start:end], end - start - keep)[: end - start - keep]
+        chosen[start + weakest] = False
+    return sp.csr_matrix(
         (matrix.data[chosen], matrix.indices[chosen], np.concatenate([[0], np.cumsum(np.minimum(counts, keep))])),
         shape=matrix.shape,
     )
-    return pruned

@@ -55,9 +55,12 @@ def test_watch_time_and_recency_shape_confidence(tiny_catalog, tmp_path):
     )
     events, _ = load_events(path, catalog)
     weights = event_weights(events, catalog, ModelParams(recency_half_life_days=50, recency_floor=0.0))
-    assert weights[0] == 1.0 and abs(weights[1] - 0.1) < 1e-6
-    assert abs(weights[2] - 0.25) < 1e-6
-    assert weights[3] == 1.0
+    row = {title: n for n, title in enumerate(catalog.items["item_id"])}
+    # The loader orders events by user and time, so look each viewing up by title and watch time.
+    weight = {(int(i), float(w)): x for i, w, x in zip(events.item, np.nan_to_num(events.watch_seconds, nan=-1), weights)}
+    assert weight[row["a"], 1800.0] == 1.0 and abs(weight[row["a"], 180.0] - 0.1) < 1e-6
+    assert abs(weight[row["b"], 2700.0] - 0.25) < 1e-6
+    assert weight[row["c"], -1.0] == 1.0
 
 
 def test_cold_titles_can_be_given_a_typical_length(demo_files, tmp_path):
