@@ -40,6 +40,7 @@ def bare_baseline(events_path: str, catalog_path: str, factors: int, iterations:
     from threadpoolctl import threadpool_limits
 
     from models.data import load_catalog, load_events
+    from models.embeddings import train_threads
 
     started = time.perf_counter()
     catalog, _ = load_catalog(catalog_path)
@@ -56,7 +57,7 @@ def bare_baseline(events_path: str, catalog_path: str, factors: int, iterations:
     started = time.perf_counter()
     model = AlternatingLeastSquares(
         factors=factors, iterations=iterations, calculate_training_loss=False, random_state=0,
-        num_threads=int(os.environ.get("TRAIN_THREADS", "0")),
+        num_threads=train_threads(),  # the job's thread count
     )  # fmt: skip
     with threadpool_limits(1, "blas"):  # as models.embeddings does: implicit owns the cores
         model.fit(counts, show_progress=False)

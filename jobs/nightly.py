@@ -31,7 +31,7 @@ from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, 
 from models.embeddings import ModelParams, learn_embeddings
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import take_for_job
-from models.offline import cold_start_evaluation, select_params
+from models.offline import cold_start_evaluation, select_params, served_top_k
 from models.progress import report
 from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
 
@@ -39,7 +39,7 @@ log = logging.getLogger("jobs.nightly")
 
 EVAL_K = 10
 MAX_EVAL_USERS = 20000  # evaluation cost grows with users; a sample this size is plenty stable
-MAX_EVAL_EVENTS = 4_000_000  # events of the users the evaluation model trains on (see evaluation_sample)
+MAX_EVAL_EVENTS = 1_000_000  # events of the users the evaluation model trains on (see evaluation_sample)
 
 
 @dataclass
@@ -87,14 +87,9 @@ def evaluate_params(
     if len(users) > MAX_EVAL_USERS:
         users = np.sort(np.random.default_rng(seed).choice(users, MAX_EVAL_USERS, replace=False))
     embeddings = learn_embeddings(train, catalog, params, show_progress=show_progress)
-    parts = build_parts(catalog, train, embeddings, params)
     seen = (embeddings.confidence > 0).tocsr()
-    with tempfile.TemporaryDirectory(prefix="eval-") as tmp:
-        recommender = open_parts(parts, {"params": params.as_dict()}, Path(tmp))
-        candidates, _ = precompute_candidates(recommender, seen, users, EVAL_K, show_progress=show_progress)
-        recommender.close()
     relevant = [truth[int(u)] for u in users]
-    model_lists = [[int(i) for i in row if i >= 0] for row in candidates]
+    model_lists = served_top_k(train, catalog, embeddings, params, users, EVAL_K)
     metrics = ranking_metrics(model_lists, relevant, EVAL_K, len(catalog))
     ranking = popularity_ranking(train, len(catalog))
     popular_lists = [

@@ -114,16 +114,20 @@ def catalog_columns(catalog: Catalog) -> dict:
 
 
 def build_parts(
-    catalog: Catalog, events: Events, embeddings: Embeddings, params: ModelParams
+    catalog: Catalog, events: Events, embeddings: Embeddings, params: ModelParams, indexes: bool = True
 ) -> dict[str, bytes]:
-    """Every part of a version except the per-user candidates."""
+    """Every part of a version except the per-user candidates.
+
+    ``indexes=False`` leaves out the Annoy indexes: enough for the batch
+    ranking of offline experiments, never for a published version.
+    """
     vectors = embeddings.vectors
-    started = time.perf_counter()
-    parts = {
-        "recommend.ann": annoy_bytes(vectors, "dot", params.n_trees, params.seed),
-        "similar.ann": annoy_bytes(vectors, "angular", params.n_trees, params.seed),
-    }
-    log.info("annoy indexes built in %.1fs (%d titles, %d trees)", time.perf_counter() - started, len(vectors), params.n_trees)
+    parts = {}
+    if indexes:
+        started = time.perf_counter()
+        parts["recommend.ann"] = annoy_bytes(vectors, "dot", params.n_trees, params.seed)
+        parts["similar.ann"] = annoy_bytes(vectors, "angular", params.n_trees, params.seed)
+        log.info("annoy indexes built in %.1fs (%d titles, %d trees)", time.perf_counter() - started, len(vectors), params.n_trees)
     indptr, hist_items, hist_weights = recent_histories(events, embeddings.confidence, params.history_cap)
     parts.update(
         {
@@ -236,9 +240,13 @@ def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: n
     computed here in batches so the request path only looks them up.
     """
     reasons = np.full((*candidates.shape, limit), -1, dtype=np.int32)
-    for rows in history_batches(recommender, users, cap=BECAUSE_HISTORY):
+
+    def fill(rows: np.ndarray) -> None:
         items, _ = padded_histories(recommender, users[rows], cap=BECAUSE_HISTORY)
         reasons[rows] = recommender.because_rows(candidates[rows], items, limit)
+
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(fill, history_batches(recommender, users, cap=BECAUSE_HISTORY)))
     return reasons
 
 

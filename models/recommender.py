@@ -83,18 +83,19 @@ class Recommender:
         self.vector_mean = vectors64.mean(axis=0)
         self.vector_cov = np.cov(vectors64, rowvar=False, bias=True).reshape(self.dim, self.dim)
         del vectors64
-        self.rec_index = AnnoyIndex(self.dim, "dot")
-        self.rec_index.load(str(folder / "recommend.ann"))  # mmap: shared between processes
-        self.sim_index = AnnoyIndex(self.dim, "angular")
-        self.sim_index.load(str(folder / "similar.ann"))
+        # mmap: shared between processes. Offline experiments open parts without indexes
+        # (batch ranking only); a published version always has both (ModelStore checks).
+        self.rec_index = _annoy(folder / "recommend.ann", self.dim, "dot")
+        self.sim_index = _annoy(folder / "similar.ann", self.dim, "angular")
 
     @property
     def version(self) -> str:
         return self.meta.get("model_version", self.folder.name)
 
     def close(self) -> None:
-        self.rec_index.unload()
-        self.sim_index.unload()
+        for index in (self.rec_index, self.sim_index):
+            if index is not None:
+                index.unload()
 
     # -- history -------------------------------------------------------------------
     def history(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -268,6 +269,14 @@ class Recommender:
         found, dist = self.sim_index.get_nns_by_item(item, k + 1, include_distances=True)
         # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
         return [(i, 1.0 - d * d / 2.0) for i, d in zip(found, dist) if i != item][:k]
+
+
+def _annoy(path: Path, dim: int, metric: str) -> AnnoyIndex | None:
+    if not path.is_file():
+        return None
+    index = AnnoyIndex(dim, metric)
+    index.load(str(path))
+    return index
 
 
 def _mapped(path: Path) -> np.ndarray:

@@ -47,7 +47,7 @@ def test_loader_returns_events_in_time_order(demo_files):
 def reference_sequence(events: Events, n_items: int, params: ModelParams) -> dict[tuple[int, int], float]:
     """The definition, one user at a time."""
     by_user = defaultdict(list)
-    for u, t, i in sorted(zip(events.user.tolist(), events.timestamp.tolist(), events.item.tolist())):
+    for u, _time, i in sorted(zip(events.user.tolist(), events.timestamp.tolist(), events.item.tolist())):
         by_user[u].append(i)
     viewers = np.zeros(n_items)
     strength: dict[tuple[int, int], float] = defaultdict(float)
