@@ -10,7 +10,8 @@ then, one after the other on the same machine:
    settings) runs on the users x titles count matrix;
 2. the nightly job end to end (``python -m jobs.nightly``, evaluation
    included) publishing into a private redis-server, as a subprocess whose
-   wall time and peak RSS (``wait4``) are measured.
+   wall time and peak RSS (``wait4``) are measured;
+3. the baseline again: the ratio uses the mean of the two baselines.
 
 Prints each step's time (the job's own summary line), the ratio
 job / (load + bare ALS) and the peak RSS. Targets (issue 5): ratio <= 3,
@@ -87,20 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-    print("baseline: load + bare implicit ALS ...", flush=True)
-    cmd = [sys.executable, __file__, "--bare", str(data["events"]), str(data["catalog"]),
-           "--factors", str(args.factors), "--iterations", str(args.iterations)]  # fmt: skip
-    code, bare_wall, bare_peak, out = run_measured(cmd, env)
-    if code != 0:
-        sys.exit(f"error: the baseline failed with exit code {code}")
-    bare = json.loads(next(ln for ln in out.splitlines() if ln.startswith("BARE_RESULT ")).split(" ", 1)[1])
-    core = bare["load"] + bare["als"]
-    print(
-        f"baseline: load {bare['load']:.1f}s + ALS ({args.factors} factors, {args.iterations} iterations) "
-        f"{bare['als']:.1f}s = {core:.1f}s  [count matrix {bare['matrix']:.1f}s; process wall {bare_wall:.1f}s, "
-        f"peak RSS {mb(bare_peak)}; {bare['events']:,} events, {bare['nnz']:,} user-title pairs]",
-        flush=True,
-    )
+    def baseline(when: str) -> float:
+        print(f"baseline ({when}): load + bare implicit ALS ...", flush=True)
+        cmd = [sys.executable, __file__, "--bare", str(data["events"]), str(data["catalog"]),
+               "--factors", str(args.factors), "--iterations", str(args.iterations)]  # fmt: skip
+        code, bare_wall, bare_peak, out = run_measured(cmd, env)
+        if code != 0:
+            sys.exit(f"error: the baseline failed with exit code {code}")
+        bare = json.loads(next(ln for ln in out.splitlines() if ln.startswith("BARE_RESULT ")).split(" ", 1)[1])
+        core = bare["load"] + bare["als"]
+        print(
+            f"baseline ({when}): load {bare['load']:.1f}s + ALS ({args.factors} factors, {args.iterations} iterations) "
+            f"{bare['als']:.1f}s = {core:.1f}s  [count matrix {bare['matrix']:.1f}s; process wall {bare_wall:.1f}s, "
+            f"peak RSS {mb(bare_peak)}; {bare['events']:,} events, {bare['nnz']:,} user-title pairs]",
+            flush=True,
+        )
+        return core
+
+    before = baseline("before the job")
     if args.skip_job:
         return 0
 
@@ -113,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             sys.exit(f"error: the nightly job failed with exit code {code}")
 
+    # The shared machine drifts by tens of percent within minutes: the baseline runs on both
+    # sides of the job and the ratio uses their mean, so drift biases it neither way.
+    after = baseline("after the job")
+    core = (before + after) / 2
+    print(f"baseline: mean of before and after = {core:.1f}s")
     ratio = job_wall / core
     ok = ratio <= TARGET_RATIO and job_peak <= TARGET_PEAK_GB * 1024**3
     print(f"\njob wall {job_wall:.1f}s (process start to exit), peak RSS {job_peak / 1024**3:.2f} GB "

@@ -137,7 +137,9 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
             # Tuned on a validation split of the training part only: the holdout stays unseen.
             report("select", 0, 1)
             selected_at = time.perf_counter()
-            params, selection = select_params(train, catalog, params, config.split, config.selection_budget, params.seed)
+            params, selection = select_params(
+                train, catalog, params, config.split, config.selection_budget, params.seed, final_events=len(events)
+            )
             timings["select"] = time.perf_counter() - selected_at
         evaluation = evaluate_params(train, evaluated.subset(~train_mask), catalog, params, config.show_progress)
         evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)

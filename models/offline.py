@@ -31,6 +31,9 @@ MAX_SCORED_USERS = 3000  # users scored per trial: enough for a stable mean, bou
 # Trials (and the cold-start model) train on the events of a user sample of at most this size,
 # so one costs about the same at any scale; the final model always trains on everything.
 MAX_TRIAL_EVENTS = 1_000_000
+# Above this many events the job's own time is the constraint (issue 5), so selection does not
+# try parameters that make the final training or ranking slower (see candidate_params).
+COSTLY_CHANGES_MAX_EVENTS = 5_000_000
 
 
 def served_top_k(
@@ -66,23 +69,32 @@ def validation_score(fit: Events, truth: dict[int, set[int]], catalog: Catalog, 
     return ranking_metrics(recs, [truth[int(u)] for u in users], K, len(catalog))[f"ndcg@{K}"]
 
 
-def candidate_params(base: ModelParams) -> list[dict]:
-    """The few knobs that matter, most promising first (so a short budget still tries them)."""
+def candidate_params(base: ModelParams, costly: bool = True) -> list[dict]:
+    """The few knobs that matter, most promising first (so a short budget still tries them).
+
+    ``costly=False`` leaves out changes that make the final job slower (more
+    factors: ALS cost grows with their square; more watched-next neighbours:
+    the batch ranking's sparse term grows with them), for data so large that
+    the job's time is the constraint.
+    """
     recency = {"recency_half_life_days": 0.0} if base.recency_half_life_days else {"recency_half_life_days": 120.0}
-    return [
+    changes = [
         {},
         recency,  # whether recency helps depends on the catalogue's time span: decide first
         {"regularization": base.regularization * 2},
         {"regularization": base.regularization / 2},
-        {"factors": base.factors * 2},
-        {"alpha": base.alpha * 2},
-        {"alpha": base.alpha / 2},
-        {"factors": base.factors * 4, "regularization": base.regularization / 2},
         {"seq_weight": base.seq_weight * 1.5},
         {"seq_weight": base.seq_weight / 2},
+        {"alpha": base.alpha * 2},
+        {"alpha": base.alpha / 2},
+        {"seq_neighbors": base.seq_neighbors * 2},
+        {"factors": base.factors * 2},
+        {"factors": base.factors * 4, "regularization": base.regularization / 2},
         {"content_shrink": base.content_shrink * 4},
-        {"seq_neighbors": base.seq_neighbors * 2},  # last: more neighbours also cost the batch ranking
     ]
+    if not costly:
+        changes = [c for c in changes if c.get("factors", 0) <= base.factors and c.get("seq_neighbors", 0) <= base.seq_neighbors]
+    return changes
 
 
 def time_budget(n_events: int) -> float:
@@ -97,10 +109,16 @@ def time_budget(n_events: int) -> float:
 
 
 def select_params(
-    train: Events, catalog: Catalog, base: ModelParams, split: str = "random", budget: float | None = None, seed: int = 0
+    train: Events, catalog: Catalog, base: ModelParams, split: str = "random", budget: float | None = None, seed: int = 0,
+    final_events: int | None = None,
 ) -> tuple[ModelParams, list[dict]]:
-    """Coordinate search from ``base`` on a validation split of ``train``; returns (best, trials)."""
+    """Coordinate search from ``base`` on a validation split of ``train``; returns (best, trials).
+
+    ``final_events``: how many events the chosen parameters will train on;
+    above ``COSTLY_CHANGES_MAX_EVENTS`` changes that slow the job are not tried.
+    """
     budget = time_budget(len(train)) if budget is None else budget
+    costly = final_events is None or final_events <= COSTLY_CHANGES_MAX_EVENTS
     started = time.perf_counter()
     train = evaluation_sample(train, MAX_TRIAL_EVENTS, seed=seed)
     fit_mask = holdout_split(train, 0.2, split, seed=seed + 101)
@@ -112,7 +130,7 @@ def select_params(
     log.info("selection: base validation nDCG@10 %.4f (budget %.0fs)", best_score, budget)
     for round_ in range(2):  # a second pass around the winner of the first
         improved = False
-        for change in candidate_params(best)[1:]:
+        for change in candidate_params(best, costly)[1:]:
             elapsed = time.perf_counter() - started
             candidate = replace(best, **change)
             # Trials cost roughly in proportion to the embedding size: skip what would overrun.
