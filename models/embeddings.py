@@ -40,7 +40,7 @@ class ModelParams:
     eps: float = 1.0  # views below eps count little; above, log-scaled (binges do not dominate)
     recency_half_life_days: float = 120.0  # older viewings fade to recency_floor; 0 disables
     recency_floor: float = 0.35
-    content_shrink: float = 5.0  # viewers at which CF and content weigh equally in the blend
+    content_shrink: float = 20.0  # viewers at which CF and content weigh equally in the blend
     # Titles nobody watched get this quantile of warm titles' vector length (0 = off). Content-only
     # vectors come out short, so at scale new titles rarely win a dot product; 0.75 gave ~12x
     # random cold-start placement on MovieLens and the demo data but cost 0.01 nDCG@10 on MovieLens.
