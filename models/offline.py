@@ -34,6 +34,7 @@ MAX_TRIAL_EVENTS = 1_000_000
 # Above this many events the job's own time is the constraint (issue 5), so selection does not
 # try parameters that make the final training or ranking slower (see candidate_params).
 COSTLY_CHANGES_MAX_EVENTS = 5_000_000
+ROUNDS = 1  # one pass over candidate_params: a second one mostly fitted validation noise (MovieLens, 3 splits)
 
 
 def served_top_k(
@@ -128,7 +129,7 @@ def select_params(
     best, best_score = base, validation_score(fit, truth, catalog, base, users)
     trials = [{"params": {}, "ndcg@10": best_score, "seconds": time.perf_counter() - started}]
     log.info("selection: base validation nDCG@10 %.4f (budget %.0fs)", best_score, budget)
-    for round_ in range(2):  # a second pass around the winner of the first
+    for round_ in range(ROUNDS):  # ROUNDS > 1: further passes around the winner
         improved = False
         for change in candidate_params(best, costly)[1:]:
             elapsed = time.perf_counter() - started
