@@ -30,7 +30,7 @@ K = 10
 MAX_SCORED_USERS = 3000  # users scored per trial: enough for a stable mean, bounded cost
 # Trials (and the cold-start model) train on the events of a user sample of at most this size,
 # so one costs about the same at any scale; the final model always trains on everything.
-MAX_TRIAL_EVENTS = 1_000_000
+MAX_TRIAL_EVENTS = 500_000
 # Above this many events the job's own time is the constraint (issue 5), so selection does not
 # try parameters that make the final training or ranking slower (see candidate_params).
 COSTLY_CHANGES_MAX_EVENTS = 5_000_000
