@@ -95,6 +95,11 @@ def popular_items(events: Events, n_items: int, confidence: sp.csr_matrix) -> np
     return np.argsort(-score, kind="stable")[: min(POPULAR_SIZE, n_items)].astype(np.int32)
 
 
+def catalog_json(catalog: Catalog) -> bytes:
+    """The ``items.json`` part: catalogue metadata by column."""
+    return orjson.dumps(catalog_columns(catalog))
+
+
 def catalog_columns(catalog: Catalog) -> dict:
     items = catalog.items
 
@@ -114,12 +119,14 @@ def catalog_columns(catalog: Catalog) -> dict:
 
 
 def build_parts(
-    catalog: Catalog, events: Events, embeddings: Embeddings, params: ModelParams, indexes: bool = True
+    catalog: Catalog, events: Events, embeddings: Embeddings, params: ModelParams, indexes: bool = True,
+    items_json: bytes | None = None,
 ) -> dict[str, bytes]:
     """Every part of a version except the per-user candidates.
 
     ``indexes=False`` leaves out the Annoy indexes: enough for the batch
     ranking of offline experiments, never for a published version.
+    ``items_json``: :func:`items_json` of ``catalog``, when the caller builds many.
     """
     vectors = embeddings.vectors
     parts = {}
@@ -133,7 +140,7 @@ def build_parts(
         {
             "item_vectors.npy": npy_bytes(vectors.astype(np.float32)),
             "gram.npy": npy_bytes((vectors.T.astype(np.float64) @ vectors.astype(np.float64)).astype(np.float32)),
-            "items.json": orjson.dumps(catalog_columns(catalog)),
+            "items.json": items_json if items_json is not None else catalog_json(catalog),
             "users.json": orjson.dumps([str(u) for u in events.user_ids]),
             "history_indptr.npy": npy_bytes(indptr),
             "history_items.npy": npy_bytes(hist_items),

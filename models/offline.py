@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.build import build_parts, open_parts, precompute_candidates
+from models.build import build_parts, catalog_json, open_parts, precompute_candidates
 from models.data import Catalog, Events
 from models.embeddings import Embeddings, ModelParams, learn_embeddings
 from models.evaluate import evaluation_sample, holdout_split, ranking_metrics, relevant_sets
@@ -38,7 +38,8 @@ ROUNDS = 1  # one pass over candidate_params: a second one mostly fitted validat
 
 
 def served_top_k(
-    fit: Events, catalog: Catalog, embeddings: Embeddings, params: ModelParams, users: np.ndarray, k: int
+    fit: Events, catalog: Catalog, embeddings: Embeddings, params: ModelParams, users: np.ndarray, k: int,
+    items_json: bytes | None = None,
 ) -> list[list[int]]:
     """Top ``k`` unseen titles of each of ``users``, ranked exactly as the job ranks for serving.
 
@@ -46,7 +47,7 @@ def served_top_k(
     opens them and ranked by :func:`models.build.precompute_candidates`: the
     served user step, blend and exclusions, batched over all titles.
     """
-    parts = build_parts(catalog, fit, embeddings, params, indexes=False)
+    parts = build_parts(catalog, fit, embeddings, params, indexes=False, items_json=items_json)
     seen = (embeddings.confidence > 0).tocsr()
     with tempfile.TemporaryDirectory(prefix="ranking-") as tmp:
         recommender = open_parts(parts, {"params": params.as_dict()}, Path(tmp))
@@ -62,11 +63,14 @@ def _sample_users(users: list[int], seed: int) -> np.ndarray:
     return users
 
 
-def validation_score(fit: Events, truth: dict[int, set[int]], catalog: Catalog, params: ModelParams, users: np.ndarray) -> float:
+def validation_score(
+    fit: Events, truth: dict[int, set[int]], catalog: Catalog, params: ModelParams, users: np.ndarray,
+    items_json: bytes | None = None,
+) -> float:
     # A shorter content fit is enough to compare settings; the chosen ones get the full fit.
     trial = replace(params, content_steps=min(params.content_steps, 100))
     embeddings = learn_embeddings(fit, catalog, trial, show_progress=False)
-    recs = served_top_k(fit, catalog, embeddings, params, users, K)
+    recs = served_top_k(fit, catalog, embeddings, params, users, K, items_json)
     return ranking_metrics(recs, [truth[int(u)] for u in users], K, len(catalog))[f"ndcg@{K}"]
 
 
@@ -126,7 +130,8 @@ def select_params(
     fit = train.subset(fit_mask)
     truth = relevant_sets(train, ~fit_mask)
     users = _sample_users(list(truth), seed)
-    best, best_score = base, validation_score(fit, truth, catalog, base, users)
+    items_json = catalog_json(catalog)  # the same for every trial
+    best, best_score = base, validation_score(fit, truth, catalog, base, users, items_json)
     trials = [{"params": {}, "ndcg@10": best_score, "seconds": time.perf_counter() - started}]
     log.info("selection: base validation nDCG@10 %.4f (budget %.0fs)", best_score, budget)
     for round_ in range(ROUNDS):  # ROUNDS > 1: further passes around the winner
@@ -139,7 +144,7 @@ def select_params(
             if elapsed + per_trial > budget:
                 continue
             t0 = time.perf_counter()
-            score = validation_score(fit, truth, catalog, candidate, users)
+            score = validation_score(fit, truth, catalog, candidate, users, items_json)
             trials.append({"params": change, "ndcg@10": score, "seconds": time.perf_counter() - t0, "round": round_})
             log.info("selection: %s -> %.4f", change, score)
             if score > best_score + 1e-4:
