@@ -93,3 +93,8 @@ def stop(process: subprocess.Popen) -> str:
     text = log_file.read().decode(errors="replace")
     log_file.close()
     return text
+
+
+def nightly_command(events, catalog, *extra: str) -> list[str]:
+    """``python -m jobs.nightly --events EVENTS --catalog CATALOG *extra``, as cron would run it."""
+    return [sys.executable, "-m", "jobs.nightly", "--events", str(events), "--catalog", str(catalog), *extra]

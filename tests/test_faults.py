@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from models.live_events import EventLog
 from models.recommender import Recommender
 from models.store import ModelError
 from tests.conftest import REPO_ROOT
-from tests.helpers import get, post_json, start_gunicorn, stop
+from tests.helpers import get, nightly_command, post_json, start_gunicorn, stop
 from tests.test_events import job_config, make_app
 
 pytestmark = pytest.mark.slow
@@ -179,14 +178,9 @@ def test_sigkill_during_publish_leaves_the_old_version_live(redis_server, store,
         RECS_FAULT_PAUSE_PARTS=str(marker),
         REDIS_URL=redis_server.url,
     )
-    command = [
-        sys.executable,
-        "-m",
-        "jobs.nightly",
-        "--events",
-        str(demo_files["events"]),
-        "--catalog",
-        str(demo_files["catalog"]),
+    command = nightly_command(
+        demo_files["events"],
+        demo_files["catalog"],
         "--prefix",
         store.keys.prefix,
         "--no-eval",
@@ -202,7 +196,7 @@ def test_sigkill_during_publish_leaves_the_old_version_live(redis_server, store,
         "16",
         "--candidates",
         "20",
-    ]
+    )
     job = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert wait_until(lambda: marker.exists() or job.poll() is not None, 180, 0.05), "job never started publishing"
@@ -328,21 +322,9 @@ def test_the_cli_exits_2_on_bad_data_and_says_why(redis_server, store, demo_file
     bad = tmp_path / "catalog.csv"
     bad.write_bytes("item_id,title\nx,Caf\xe9\n".encode("latin-1") * 3)
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.nightly",
-            "--events",
-            str(demo_files["events"]),
-            "--catalog",
-            str(bad),
-            "--prefix",
-            store.keys.prefix,
-            "--redis-url",
-            redis_server.url,
-            "--quiet",
-            "--no-eval",
-        ],
+        nightly_command(
+            demo_files["events"], bad, "--prefix", store.keys.prefix, "--redis-url", redis_server.url, "--quiet", "--no-eval"
+        ),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -8,7 +8,6 @@ import re
 import runpy
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from app import create_app
 from jobs.nightly import run_nightly
 from models.store import ModelStore, redis_from_url
 from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import nightly_command
 from tests.test_events import job_config
 
 PASSWORD = "s3cret-Pass_word"
@@ -148,19 +148,7 @@ def test_redis_with_a_password(tmp_path, trained_demo, demo_files):
         response = app.test_client().post("/events", json={"user_id": "u", "item_id": "i", "timestamp": 1})
         assert response.status_code == 503
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "jobs.nightly",
-                "--events",
-                str(demo_files["events"]),
-                "--catalog",
-                str(demo_files["catalog"]),
-                "--prefix",
-                "sec",
-                "--quiet",
-                "--no-eval",
-            ],
+            nightly_command(demo_files["events"], demo_files["catalog"], "--prefix", "sec", "--quiet", "--no-eval"),
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
