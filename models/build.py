@@ -69,10 +69,9 @@ def recent_histories(events: Events, confidence: sp.csr_matrix, cap: int) -> tup
     last[:-1] = sorted_pairs[1:] != sorted_pairs[:-1]
     newest = by_pair[last]  # each (user, title)'s latest viewing, in (user, title) order
     pair_users = events.user[newest]
-    if confidence.has_canonical_format and confidence.nnz == len(newest):
-        weights = confidence.data.astype(np.float32)  # the same (user, title) order
-    else:
-        weights = np.asarray(confidence[pair_users, events.item[newest]]).ravel().astype(np.float32)
+    if not confidence.has_canonical_format or confidence.nnz != len(newest):
+        raise ValueError("recent_histories needs the confidence matrix built from these events")
+    weights = confidence.data.astype(np.float32)  # one entry per (user, title), in the same order
     # Events are in time order per user, so a viewing's position orders it in time: reverse
     # each user's block of positions (newest first) with one scatter instead of a sort.
     user_start = np.searchsorted(events.user, np.arange(n_users + 1))
@@ -126,7 +125,7 @@ def build_parts(
 
     ``indexes=False`` leaves out the Annoy indexes: enough for the batch
     ranking of offline experiments, never for a published version.
-    ``items_json``: :func:`items_json` of ``catalog``, when the caller builds many.
+    ``items_json``: :func:`catalog_json` of ``catalog``, when the caller builds many.
     """
     vectors = embeddings.vectors
     parts = {}
