@@ -22,6 +22,7 @@ Parts (all written by :mod:`models.build`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -114,21 +115,52 @@ class Recommender:
         implicit ALS would place this user, so a user seen tonight and a user
         with fresh events are scored the same way.
         """
-        return self.user_vectors(np.asarray(items)[None], np.asarray(weights)[None])[0]
+        items, weights = np.asarray(items)[None], np.asarray(weights)[None]
+        return self._solve_direct(*self._history_terms(items, weights))[0]
 
     def user_vectors(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """:meth:`user_vector` for many users at once: ``items`` [n, h] padded with -1.
 
         The job solves users in batches of similar history length; padding adds
-        zero rows, so each user gets the same factor as alone.
+        zero rows, so each user gets the same factor as alone. Batches of
+        histories shorter than the embedding (most users) take the Woodbury
+        form of the same solve, h x h instead of d x d.
         """
-        vh = np.where((items >= 0)[..., None], self.vectors[np.maximum(items, 0)], 0.0).astype(np.float64)  # [n, h, d]
-        confidence = np.where(items >= 0, weights, 0.0).astype(np.float64)
+        present, vh, confidence = self._history_terms(items, weights)
+        if items.shape[1] < self.dim and len(items) > 1 and (confidence[present] >= 1.0).all():
+            return self._solve_short(items, present, vh, confidence)
+        return self._solve_direct(present, vh, confidence)
+
+    def _history_terms(self, items: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        present = items >= 0
+        vh = np.where(present[..., None], self.vectors[np.maximum(items, 0)], 0.0).astype(np.float64)  # [n, h, d]
+        return present, vh, np.where(present, weights, 0.0).astype(np.float64)
+
+    def _solve_direct(self, present: np.ndarray, vh: np.ndarray, confidence: np.ndarray) -> np.ndarray:
         vh_t = vh.transpose(0, 2, 1)
         a = self.gram.astype(np.float64) + (vh_t * (confidence - 1.0)[:, None, :]) @ vh
         a[:, np.arange(self.dim), np.arange(self.dim)] += self.regularization
         b = vh_t @ confidence[..., None]
         return np.linalg.solve(a, b)[..., 0].astype(np.float32)
+
+    def _solve_short(self, items: np.ndarray, present: np.ndarray, vh: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+        """The same solve through Woodbury: with G = VᵀV + λI, D = Cₕ - I >= 0 and Wₕ = Vₕ G⁻¹,
+        u = y - Wₕᵀ D^½ (I + D^½ Vₕ Wₕᵀ D^½)⁻¹ D^½ Vₕ y where y = G⁻¹ Vₕᵀ Cₕ 1 = Wₕᵀ Cₕ 1.
+        """
+        wh = np.where(present[..., None], self._gram_solved_rows[np.maximum(items, 0)], 0.0)  # [n, h, d]
+        root = np.sqrt(np.maximum(confidence - 1.0, 0.0))  # padding: 0
+        y = np.einsum("nhd,nh->nd", wh, confidence)
+        inner = root[:, :, None] * (vh @ wh.transpose(0, 2, 1)) * root[:, None, :]
+        inner[:, np.arange(items.shape[1]), np.arange(items.shape[1])] += 1.0
+        z = root * np.einsum("nhd,nd->nh", vh, y)
+        s = np.linalg.solve(inner, z[..., None])[..., 0]
+        return (y - np.einsum("nhd,nh->nd", wh, root * s)).astype(np.float32)
+
+    @cached_property
+    def _gram_solved_rows(self) -> np.ndarray:
+        """V G⁻¹ (float64 [items, d]); only batch solves build it, never a serving worker."""
+        g = self.gram.astype(np.float64) + self.regularization * np.eye(self.dim)
+        return np.linalg.solve(g, np.asarray(self.vectors, dtype=np.float64).T).T
 
     def sequence_scores(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Titles "watched next" to the history and their summed strengths (sparse: (items, values))."""

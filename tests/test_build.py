@@ -120,6 +120,33 @@ def test_recent_histories_newest_first_distinct_capped(cap):
         )
 
 
+def test_batched_user_step_is_the_one_user_solve(trained_demo, tmp_path: Path):
+    """Short histories in a batch go through Woodbury; each must equal the direct solve of that user alone."""
+    recommender = open_parts(trained_demo.parts, {"params": trained_demo.meta["params"]}, tmp_path)
+    rng = np.random.default_rng(1)
+    width = recommender.dim // 2  # short: the Woodbury form
+    items = np.full((30, width), -1, dtype=np.int64)
+    weights = np.zeros((30, width), dtype=np.float32)
+    for row in range(30):
+        length = int(rng.integers(1, width + 1))  # padded to the batch's width, as the job pads
+        items[row, :length] = rng.choice(recommender.n_items, length, replace=False)
+        weights[row, :length] = 1.0 + rng.exponential(3.0, length)
+    weights[0, 0] = 1.0  # confidence exactly 1 (alpha 0): no extra weight, still valid
+    batched = recommender.user_vectors(items, weights)
+    for row in range(30):
+        keep = items[row] >= 0
+        alone = recommender.user_vector(items[row, keep], weights[row, keep])
+        np.testing.assert_allclose(batched[row], alone, rtol=1e-4, atol=1e-6)
+    # A confidence below 1 (not what the job writes, but accepted) takes the direct path and agrees too.
+    weights[1, 0] = 0.5
+    keep = items[1] >= 0
+    np.testing.assert_allclose(
+        recommender.user_vectors(items, weights)[1],
+        recommender.user_vector(items[1, keep], weights[1, keep]), rtol=1e-4, atol=1e-6,
+    )
+    recommender.close()
+
+
 def test_precomputed_candidates_are_the_exact_served_ranking(trained_demo, tmp_path: Path):
     """Batch top-k == scoring every title one user at a time with Recommender.blended_scores."""
     recommender = open_parts(trained_demo.parts, {"params": trained_demo.meta["params"]}, tmp_path)
