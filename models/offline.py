@@ -34,6 +34,9 @@ MAX_TRIAL_EVENTS = 500_000
 # Above this many events the job's own time is the constraint (issue 5), so selection does not
 # try parameters that make the final training or ranking slower (see candidate_params).
 COSTLY_CHANGES_MAX_EVENTS = 5_000_000
+# Above COSTLY_CHANGES_MAX_EVENTS trials fit ALS with this many sweeps: what counts is how settings
+# compare, and on the 20M-event bench 8 and 15 sweeps made the same choices but one (a 0.001 call).
+SCALE_TRIAL_ITERATIONS = 8
 ROUNDS = 1  # one pass over candidate_params: a second one mostly fitted validation noise (MovieLens, 3 splits)
 
 
@@ -65,10 +68,11 @@ def _sample_users(users: list[int], seed: int) -> np.ndarray:
 
 def validation_score(
     fit: Events, truth: dict[int, set[int]], catalog: Catalog, params: ModelParams, users: np.ndarray,
-    items_json: bytes | None = None,
+    items_json: bytes | None = None, iterations: int | None = None,
 ) -> float:
-    # A shorter content fit is enough to compare settings; the chosen ones get the full fit.
-    trial = replace(params, content_steps=min(params.content_steps, 100))
+    # A shorter content fit (and ALS fit, given ``iterations``) is enough to compare settings;
+    # the chosen ones get the full fit.
+    trial = replace(params, content_steps=min(params.content_steps, 100), iterations=iterations or params.iterations)
     embeddings = learn_embeddings(fit, catalog, trial, show_progress=False)
     recs = served_top_k(fit, catalog, embeddings, params, users, K, items_json)
     return ranking_metrics(recs, [truth[int(u)] for u in users], K, len(catalog))[f"ndcg@{K}"]
@@ -120,10 +124,12 @@ def select_params(
     """Coordinate search from ``base`` on a validation split of ``train``; returns (best, trials).
 
     ``final_events``: how many events the chosen parameters will train on;
-    above ``COSTLY_CHANGES_MAX_EVENTS`` changes that slow the job are not tried.
+    above ``COSTLY_CHANGES_MAX_EVENTS`` changes that slow the job are not tried
+    and trials fit ALS with ``SCALE_TRIAL_ITERATIONS`` sweeps.
     """
     budget = time_budget(len(train)) if budget is None else budget
     costly = final_events is None or final_events <= COSTLY_CHANGES_MAX_EVENTS
+    iterations = None if costly else min(base.iterations, SCALE_TRIAL_ITERATIONS)
     started = time.perf_counter()
     train = evaluation_sample(train, MAX_TRIAL_EVENTS, seed=seed)
     fit_mask = holdout_split(train, 0.2, split, seed=seed + 101)
@@ -131,7 +137,7 @@ def select_params(
     truth = relevant_sets(train, ~fit_mask)
     users = _sample_users(list(truth), seed)
     items_json = catalog_json(catalog)  # the same for every trial
-    best, best_score = base, validation_score(fit, truth, catalog, base, users, items_json)
+    best, best_score = base, validation_score(fit, truth, catalog, base, users, items_json, iterations)
     trials = [{"params": {}, "ndcg@10": best_score, "seconds": time.perf_counter() - started}]
     log.info("selection: base validation nDCG@10 %.4f (budget %.0fs)", best_score, budget)
     for round_ in range(ROUNDS):  # ROUNDS > 1: further passes around the winner
@@ -144,7 +150,7 @@ def select_params(
             if elapsed + per_trial > budget:
                 continue
             t0 = time.perf_counter()
-            score = validation_score(fit, truth, catalog, candidate, users, items_json)
+            score = validation_score(fit, truth, catalog, candidate, users, items_json, iterations)
             trials.append({"params": change, "ndcg@10": score, "seconds": time.perf_counter() - t0, "round": round_})
             log.info("selection: %s -> %.4f", change, score)
             if score > best_score + 1e-4:

@@ -89,3 +89,33 @@ def test_selection_and_cold_start_on_demo_data(demo_files):
     cold = cold_start_evaluation(events, catalog, base, k=15)
     assert cold["titles_held_out"] > 0 and cold["pairs"] > 0
     assert cold["lift"] >= 3.0, cold
+
+
+def test_selection_at_scale_tries_only_cheap_changes_with_shorter_trial_fits(demo_files, monkeypatch):
+    """Above COSTLY_CHANGES_MAX_EVENTS: no more factors or neighbours, and trials fit fewer ALS sweeps."""
+    from models import offline
+    from models.data import load_catalog, load_events
+    from models.embeddings import ModelParams
+
+    catalog, _ = load_catalog(demo_files["catalog"])
+    events, _ = load_events(demo_files["events"], catalog)
+    fitted = []
+    real_learn = offline.learn_embeddings
+
+    def recording_learn(fit, catalog, params, show_progress=True):
+        fitted.append(params.iterations)
+        return real_learn(fit, catalog, params, show_progress)
+
+    monkeypatch.setattr(offline, "learn_embeddings", recording_learn)
+    base = ModelParams(content_steps=50, iterations=12)
+    best, trials = offline.select_params(
+        events, catalog, base, budget=600.0, final_events=offline.COSTLY_CHANGES_MAX_EVENTS + 1
+    )
+    assert len(trials) == len(offline.candidate_params(base, costly=False)) >= 5
+    assert all("factors" not in t["params"] and "seq_neighbors" not in t["params"] for t in trials)
+    assert fitted == [offline.SCALE_TRIAL_ITERATIONS] * len(trials)
+    assert best.iterations == 12  # the chosen parameters keep the full fit
+
+    fitted.clear()
+    _, trials = offline.select_params(events, catalog, base, budget=600.0, final_events=1000)
+    assert any("factors" in t["params"] for t in trials) and set(fitted) == {12}
