@@ -13,7 +13,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,9 +29,6 @@ from models.progress import progress
 from models.recommender import BECAUSE_HISTORY, SEQUENCE_HISTORY, Recommender
 
 log = logging.getLogger(__name__)
-# torch's CSR product (the batch ranking's watched-next term) is exact and checked against a plain
-# reference in tests/test_build.py; its "beta" notice would only repeat in every job log.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 POPULAR_SIZE = 1000
 BATCH_ENTRIES = 131_072  # users x padded history length per batched solve (~64 MB of float64 vectors)
@@ -196,7 +192,6 @@ def precompute_candidates(
         shape=(recommender.n_items, recommender.n_items),
     )
     row_sums = np.asarray(strengths.sum(axis=1), dtype=np.float64).ravel()  # picked @ row_sums: a user's total
-    sequence = _torch_csr(strengths)
 
     def fill(rows: np.ndarray) -> None:
         history, weights = padded_histories(recommender, users[rows])
@@ -219,22 +214,19 @@ def precompute_candidates(
                     (np.ones(len(cols), np.float32), (users_of, recent[users_of, cols])),
                     shape=(len(block), recommender.n_items),
                 )
-                # Summed strengths, a few thousand titles per user (torch's product: ~1.3x scipy's).
-                watched_next = torch.sparse.mm(_torch_csr(picked), sequence)
-                indptr = watched_next.crow_indices().numpy()
-                values = watched_next.values()
-                counts = np.diff(indptr)
-                mean = (picked @ row_sums).astype(np.float64) / recommender.n_items
+                watched_next = picked @ strengths  # summed strengths, a few thousand titles per user
+                counts = np.diff(watched_next.indptr)
+                nonempty = counts > 0  # no watched-next titles: no term at all (reduceat needs them left out)
+                mean = picked @ row_sums / recommender.n_items
                 squares = np.zeros(len(block))
-                nonempty = counts > 0  # reduceat needs the empty rows left out
-                squares[nonempty] = np.add.reduceat((values.double() ** 2).numpy(), indptr[:-1][nonempty])
-                squares /= recommender.n_items
-                # No watched-next titles: no term at all.
-                scale = np.where(nonempty, recommender.seq_weight / np.sqrt(np.maximum(squares - mean**2, 1e-24)), 0.0)
-                flat = torch.from_numpy(np.repeat(np.arange(len(block)) * recommender.n_items, counts))
-                flat += watched_next.col_indices()  # 1-D indexing: ~1.5x faster than 2-D
-                contribution = values * torch.from_numpy(np.repeat(scale.astype(np.float32), counts))
-                torch.from_numpy(block_scores).view(-1).index_add_(0, flat, contribution)
+                starts = watched_next.indptr[:-1][nonempty]
+                squares[nonempty] = np.add.reduceat(watched_next.data.astype(np.float64) ** 2, starts)
+                seq_spread = np.sqrt(np.maximum(squares / recommender.n_items - mean**2, 1e-24))
+                scale = np.where(nonempty, recommender.seq_weight / seq_spread, 0.0)
+                # Scatter-add into the block, 1-D: torch's index_add_ is ~1.5x numpy's fancy-index +=.
+                flat = np.repeat(np.arange(len(block)) * recommender.n_items, counts) + watched_next.indices
+                contribution = watched_next.data * np.repeat(scale.astype(np.float32), counts)
+                torch.from_numpy(block_scores).view(-1).index_add_(0, torch.from_numpy(flat), torch.from_numpy(contribution))
                 row_offset -= mean * scale
             watched = seen[users[block]]
             block_scores[np.repeat(np.arange(len(block)), np.diff(watched.indptr)), watched.indices] = -np.inf
@@ -250,17 +242,6 @@ def precompute_candidates(
         for _ in progress(pool.map(fill, batches), "candidates", total=len(batches), show=show_progress):
             pass
     return candidates, scores
-
-
-def _torch_csr(matrix: sp.csr_matrix) -> torch.Tensor:
-    matrix.sort_indices()
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(matrix.indptr.astype(np.int64)),
-        torch.from_numpy(matrix.indices.astype(np.int64)),
-        torch.from_numpy(np.array(matrix.data, dtype=np.float32)),
-        size=matrix.shape,
-        check_invariants=True,  # sorted, in-range indices (torch trusts them otherwise)
-    )
 
 
 def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: np.ndarray, limit: int = 2) -> np.ndarray:
