@@ -129,12 +129,17 @@ def build_parts(
     """
     vectors = embeddings.vectors
     parts = {}
-    if indexes:
-        started = time.perf_counter()
-        parts["recommend.ann"] = annoy_bytes(vectors, "dot", params.n_trees, params.seed)
-        parts["similar.ann"] = annoy_bytes(vectors, "angular", params.n_trees, params.seed)
-        log.info("annoy indexes built in %.1fs (%d titles, %d trees)", time.perf_counter() - started, len(vectors), params.n_trees)
-    indptr, hist_items, hist_weights = recent_histories(events, embeddings.confidence, params.history_cap)
+    # Histories are single-threaded numpy; Annoy's build runs in its own threads without the GIL.
+    with ThreadPoolExecutor(1) as beside:
+        histories = beside.submit(recent_histories, events, embeddings.confidence, params.history_cap)
+        if indexes:
+            started = time.perf_counter()
+            parts["recommend.ann"] = annoy_bytes(vectors, "dot", params.n_trees, params.seed)
+            parts["similar.ann"] = annoy_bytes(vectors, "angular", params.n_trees, params.seed)
+            log.info(
+                "annoy indexes built in %.1fs (%d titles, %d trees)", time.perf_counter() - started, len(vectors), params.n_trees
+            )
+        indptr, hist_items, hist_weights = histories.result()
     parts.update(
         {
             "item_vectors.npy": npy_bytes(vectors.astype(np.float32)),

@@ -215,7 +215,7 @@ def learn_embeddings(
     timings = {}
     started = time.perf_counter()
     confidence = confidence_matrix(events, catalog, params)
-    viewers = np.diff(confidence.tocsc().indptr).astype(np.int64)
+    viewers = np.bincount(confidence.indices, minlength=confidence.shape[1]).astype(np.int64)  # distinct users
     timings["confidence_matrix"] = time.perf_counter() - started
 
     def timed_sequence() -> sp.csr_matrix:
