@@ -68,14 +68,19 @@ def _sample_users(users: list[int], seed: int) -> np.ndarray:
 
 def validation_score(
     fit: Events, truth: dict[int, set[int]], catalog: Catalog, params: ModelParams, users: np.ndarray,
-    items_json: bytes | None = None, iterations: int | None = None,
-) -> float:
+    items_json: bytes | None = None, iterations: int | None = None, reuse: Embeddings | None = None,
+) -> tuple[float, Embeddings]:
+    """Validation nDCG@10 of ``params`` trained on ``fit``, and the trial's embeddings.
+
+    ``reuse``: an earlier trial's embeddings on the same ``fit``, whose
+    unchanged stages are not learned again (see ``learn_embeddings``).
+    """
     # A shorter content fit (and ALS fit, given ``iterations``) is enough to compare settings;
     # the chosen ones get the full fit.
     trial = replace(params, content_steps=min(params.content_steps, 100), iterations=iterations or params.iterations)
-    embeddings = learn_embeddings(fit, catalog, trial, show_progress=False)
+    embeddings = learn_embeddings(fit, catalog, trial, show_progress=False, reuse=reuse)
     recs = served_top_k(fit, catalog, embeddings, params, users, K, items_json)
-    return ranking_metrics(recs, [truth[int(u)] for u in users], K, len(catalog))[f"ndcg@{K}"]
+    return ranking_metrics(recs, [truth[int(u)] for u in users], K, len(catalog))[f"ndcg@{K}"], embeddings
 
 
 def candidate_params(base: ModelParams, costly: bool = True) -> list[dict]:
@@ -137,7 +142,8 @@ def select_params(
     truth = relevant_sets(train, ~fit_mask)
     users = _sample_users(list(truth), seed)
     items_json = catalog_json(catalog)  # the same for every trial
-    best, best_score = base, validation_score(fit, truth, catalog, base, users, items_json, iterations)
+    best_score, best_embeddings = validation_score(fit, truth, catalog, base, users, items_json, iterations)
+    best = base
     trials = [{"params": {}, "ndcg@10": best_score, "seconds": time.perf_counter() - started}]
     log.info("selection: base validation nDCG@10 %.4f (budget %.0fs)", best_score, budget)
     for round_ in range(ROUNDS):  # ROUNDS > 1: further passes around the winner
@@ -150,11 +156,13 @@ def select_params(
             if elapsed + per_trial > budget:
                 continue
             t0 = time.perf_counter()
-            score = validation_score(fit, truth, catalog, candidate, users, items_json, iterations)
+            score, embeddings = validation_score(
+                fit, truth, catalog, candidate, users, items_json, iterations, reuse=best_embeddings
+            )
             trials.append({"params": change, "ndcg@10": score, "seconds": time.perf_counter() - t0, "round": round_})
             log.info("selection: %s -> %.4f", change, score)
             if score > best_score + 1e-4:
-                best, best_score, improved = candidate, score, True
+                best, best_score, best_embeddings, improved = candidate, score, embeddings, True
         if not improved:
             break
     return best, trials

@@ -78,3 +78,32 @@ def test_cold_titles_can_be_given_a_typical_length(demo_files, tmp_path):
     cosine = plain.vectors[row] @ scaled.vectors[row] / np.linalg.norm(plain.vectors[row]) / np.linalg.norm(scaled.vectors[row])
     assert cosine == pytest.approx(1.0, abs=1e-5)  # same direction, only longer
     assert np.array_equal(plain.vectors[scaled.viewers > 0], scaled.vectors[scaled.viewers > 0])
+
+
+@pytest.mark.parametrize(
+    "change, reused, relearned",
+    [
+        ({"seq_weight": 0.9, "content_shrink": 3.0}, ("confidence", "cf_vectors", "content_vectors", "sequence"), ()),
+        ({"regularization": 5.0}, ("confidence", "sequence"), ("cf_vectors", "content_vectors")),
+        ({"alpha": 1.0}, ("sequence",), ("confidence", "cf_vectors", "content_vectors")),
+        ({"seq_neighbors": 3}, ("confidence", "cf_vectors", "content_vectors"), ("sequence",)),
+    ],
+)
+def test_reuse_takes_only_unchanged_stages_and_matches_a_fresh_fit(demo_files, change, reused, relearned):
+    from dataclasses import replace
+
+    catalog, _ = load_catalog(demo_files["catalog"])
+    events, _ = load_events(demo_files["events"], catalog)
+    base = ModelParams(content_steps=30, iterations=5)
+    first = learn_embeddings(events, catalog, base, show_progress=False)
+    params = replace(base, **change)
+    again = learn_embeddings(events, catalog, params, show_progress=False, reuse=first)
+    fresh = learn_embeddings(events, catalog, params, show_progress=False)
+    for name in reused:
+        assert getattr(again, name) is getattr(first, name), name
+    for name in relearned:
+        assert getattr(again, name) is not getattr(first, name), name
+    for name in ("cf_vectors", "content_vectors", "vectors"):
+        np.testing.assert_allclose(getattr(again, name), getattr(fresh, name), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert (again.sequence != fresh.sequence).nnz == 0 and (again.confidence != fresh.confidence).nnz == 0
+    assert again.params == params

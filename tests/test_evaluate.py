@@ -102,9 +102,9 @@ def test_selection_at_scale_tries_only_cheap_changes_with_shorter_trial_fits(dem
     fitted = []
     real_learn = offline.learn_embeddings
 
-    def recording_learn(fit, catalog, params, show_progress=True):
+    def recording_learn(fit, catalog, params, show_progress=True, reuse=None):
         fitted.append(params.iterations)
-        return real_learn(fit, catalog, params, show_progress)
+        return real_learn(fit, catalog, params, show_progress, reuse)
 
     monkeypatch.setattr(offline, "learn_embeddings", recording_learn)
     base = ModelParams(content_steps=50, iterations=12)
