@@ -141,7 +141,9 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
                 train, catalog, params, config.split, config.selection_budget, params.seed, final_events=len(events)
             )
             timings["select"] = time.perf_counter() - selected_at
-        evaluation = evaluate_params(train, evaluated.subset(~train_mask), catalog, params, config.show_progress)
+        evaluation = evaluate_params(
+            train, evaluated.subset(~train_mask), catalog, params.at_scale(train), config.show_progress
+        )
         evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
         if config.cold_start:
             report("cold_start", 0, 1)
@@ -157,6 +159,12 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
 
     report("train", 0, 1)
     started = time.perf_counter()
+    scaled = None
+    if params.regularization_users:  # chosen on a user sample (models.offline.select_params)
+        scaled = {"chosen": params.regularization, "chosen_on_users": params.regularization_users}
+        params = params.at_scale(events)
+        scaled.update(fit_users=int(np.count_nonzero(np.bincount(events.user))), value=params.regularization)
+        log.info("regularization %(chosen).1f chosen on %(chosen_on_users)d users -> %(value).1f for %(fit_users)d", scaled)
     embeddings = learn_embeddings(events, catalog, params, show_progress=config.show_progress)
     timings.update({f"train_{k}": v for k, v in embeddings.timings.items()})
     timings["train"] = time.perf_counter() - started
@@ -194,6 +202,7 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         "inputs": {"events": events_report.as_dict(), "catalog": catalog_report.as_dict()},
         "params": params.as_dict(),
         "selection": selection,
+        "scaled_regularization": scaled,
         "metrics": evaluation,
         "timings": timings,
     }

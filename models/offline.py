@@ -136,6 +136,7 @@ def select_params(
     costly = final_events is None or final_events <= COSTLY_CHANGES_MAX_EVENTS
     iterations = None if costly else min(base.iterations, SCALE_TRIAL_ITERATIONS)
     started = time.perf_counter()
+    sampled = len(train) > MAX_TRIAL_EVENTS
     train = evaluation_sample(train, MAX_TRIAL_EVENTS, seed=seed)
     fit_mask = holdout_split(train, 0.2, split, seed=seed + 101)
     fit = train.subset(fit_mask)
@@ -165,6 +166,8 @@ def select_params(
                 best, best_score, best_embeddings, improved = candidate, score, embeddings, True
         if not improved:
             break
+    if sampled:  # chosen on a user sample: fits on more users scale it up (ModelParams.at_scale)
+        best = replace(best, regularization_users=int(np.count_nonzero(np.bincount(fit.user))))
     return best, trials
 
 
@@ -195,7 +198,7 @@ def cold_start_evaluation(
     truth_all = relevant_sets(events, is_held[events.item])
     users = _sample_users(list(truth_all), seed)
     # Placement by the embeddings alone: watched-next cannot know a title nobody has watched.
-    content_only = replace(params, seq_weight=0.0)
+    content_only = replace(params.at_scale(train), seq_weight=0.0)
     embeddings = learn_embeddings(train, catalog, content_only, show_progress=False)
     confidence = embeddings.confidence
     recs = served_top_k(train, catalog, embeddings, content_only, users, k)

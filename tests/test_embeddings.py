@@ -107,3 +107,20 @@ def test_reuse_takes_only_unchanged_stages_and_matches_a_fresh_fit(demo_files, c
         np.testing.assert_allclose(getattr(again, name), getattr(fresh, name), rtol=1e-4, atol=1e-5, err_msg=name)
     assert (again.sequence != fresh.sequence).nnz == 0 and (again.confidence != fresh.confidence).nnz == 0
     assert again.params == params
+
+
+def test_regularization_chosen_on_a_user_sample_scales_with_the_square_root_of_users():
+    from models.data import Events
+
+    events = Events(
+        user_ids=np.array([f"u{i}" for i in range(500)], dtype=object),
+        user=np.repeat(np.arange(400), 2).astype(np.int32),  # 400 users with events, 100 without
+        item=np.tile([0, 1], 400).astype(np.int32),
+        timestamp=np.arange(800, dtype=np.int64),
+        watch_seconds=np.full(800, np.nan, np.float32),
+    )
+    chosen = ModelParams(regularization=10.0, regularization_users=100)
+    fitted = chosen.at_scale(events)
+    assert fitted.regularization == pytest.approx(20.0) and fitted.regularization_users == 0
+    assert fitted.at_scale(events) is fitted  # absolute already: unchanged
+    assert ModelParams(regularization=7.0).at_scale(events).regularization == 7.0

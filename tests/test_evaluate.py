@@ -119,3 +119,33 @@ def test_selection_at_scale_tries_only_cheap_changes_with_shorter_trial_fits(dem
     fitted.clear()
     _, trials = offline.select_params(events, catalog, base, budget=600.0, final_events=1000)
     assert any("factors" in t["params"] for t in trials) and set(fitted) == {12}
+
+
+def test_selection_on_a_user_sample_hands_its_regularization_to_the_job_scaled(demo_files, monkeypatch):
+    """Selection on a sample records the users it chose on; the job's final fit scales to all users."""
+    from jobs.nightly import NightlyConfig, run_nightly
+    from models import offline
+    from models.data import load_catalog, load_events
+    from models.embeddings import ModelParams
+
+    catalog, _ = load_catalog(demo_files["catalog"])
+    events, _ = load_events(demo_files["events"], catalog)
+    base = ModelParams(content_steps=30, iterations=4)
+    unsampled, _ = offline.select_params(events, catalog, base, budget=3.0)
+    assert unsampled.regularization_users == 0
+
+    monkeypatch.setattr(offline, "MAX_TRIAL_EVENTS", len(events) // 4)
+    sampled, _ = offline.select_params(events, catalog, base, budget=3.0)
+    all_users = int(np.count_nonzero(np.bincount(events.user)))
+    assert 0 < sampled.regularization_users < all_users / 2
+
+    config = NightlyConfig(
+        events=str(demo_files["events"]), catalog=str(demo_files["catalog"]), publish=False, show_progress=False,
+        params=base, selection_budget=3.0, cold_start=False,
+    )  # fmt: skip
+    meta = run_nightly(config).meta
+    scaled = meta["scaled_regularization"]
+    assert scaled["fit_users"] == all_users
+    expected = scaled["chosen"] * (all_users / scaled["chosen_on_users"]) ** 0.5
+    assert scaled["value"] == pytest.approx(expected) and meta["params"]["regularization"] == pytest.approx(expected)
+    assert meta["params"]["regularization_users"] == 0
