@@ -163,7 +163,7 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     if params.regularization_users:  # chosen on a user sample (models.offline.select_params)
         scaled = {"chosen": params.regularization, "chosen_on_users": params.regularization_users}
         params = params.at_scale(events)
-        scaled.update(fit_users=int(np.count_nonzero(np.bincount(events.user))), value=params.regularization)
+        scaled.update(fit_users=events.active_users(), value=params.regularization)
         log.info("regularization %(chosen).1f chosen on %(chosen_on_users)d users -> %(value).1f for %(fit_users)d", scaled)
     embeddings = learn_embeddings(events, catalog, params, show_progress=config.show_progress)
     timings.update({f"train_{k}": v for k, v in embeddings.timings.items()})

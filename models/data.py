@@ -80,6 +80,10 @@ class Events:
             self.watch_seconds[mask],
         )
 
+    def active_users(self) -> int:
+        """Users with at least one event (``user_ids`` also names users a subset left out)."""
+        return int(np.count_nonzero(np.bincount(self.user))) if len(self.user) else 0
+
     def in_time_order(self) -> Events:
         """These events ordered by user, then time, then title: each user's viewings as they happened.
 

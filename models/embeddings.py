@@ -76,8 +76,7 @@ class ModelParams:
         """
         if self.regularization_users <= 0:
             return self
-        users = int(np.count_nonzero(np.bincount(events.user))) if len(events) else 0
-        factor = math.sqrt(max(users, 1) / self.regularization_users)
+        factor = math.sqrt(max(events.active_users(), 1) / self.regularization_users)
         return replace(self, regularization=self.regularization * factor, regularization_users=0)
 
 

@@ -167,7 +167,7 @@ def select_params(
         if not improved:
             break
     if sampled:  # chosen on a user sample: fits on more users scale it up (ModelParams.at_scale)
-        best = replace(best, regularization_users=int(np.count_nonzero(np.bincount(fit.user))))
+        best = replace(best, regularization_users=fit.active_users())
     return best, trials
 
 

@@ -136,7 +136,7 @@ def test_selection_on_a_user_sample_hands_its_regularization_to_the_job_scaled(d
 
     monkeypatch.setattr(offline, "MAX_TRIAL_EVENTS", len(events) // 4)
     sampled, _ = offline.select_params(events, catalog, base, budget=3.0)
-    all_users = int(np.count_nonzero(np.bincount(events.user)))
+    all_users = events.active_users()
     assert 0 < sampled.regularization_users < all_users / 2
 
     config = NightlyConfig(
