@@ -250,7 +250,8 @@ def learn_embeddings(
 
     "Watched next" needs only the events and viewer counts, and is mostly
     single-threaded numpy, so it is built in a thread beside ALS (which
-    releases the GIL): 5 s less wall time at 20M events on 2 cores.
+    releases the GIL): at 20M events on 2 cores, 2-5 s less wall time measured
+    alone and 1-2 s in the job (implicit's threads slow down while it runs).
     ``reuse``: embeddings learned on these same events; each stage whose
     parameters (``*_FIELDS``) are unchanged is taken from it.
     """
