@@ -3,13 +3,20 @@
 import os
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
-# Requests are CPU-light lookups; one sync worker per core keeps latency flat.
+# One process per core, each with a pool of threads: requests are short CPU-light lookups, and a
+# thread blocked on a slow or stalled client must not stop the others (sync workers serve one
+# connection at a time: two half-open connections took the whole service down). The worker is
+# gunicorn's gthread with a deadline on every socket read and write (app/gunicorn_worker.py);
+# idle keep-alive connections wait in a poller without a thread.
 workers = int(os.environ.get("WEB_CONCURRENCY", str(os.cpu_count() or 2)))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
-threads = int(os.environ.get("GUNICORN_THREADS", "1"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "app.gunicorn_worker.ThreadWorker")
+threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+# Connections a worker holds at once (in threads or idle in its poller). Beyond it the worker stops
+# accepting and the kernel queue hands new connections to a worker that has room.
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "256"))
 timeout = 30
 graceful_timeout = 20
-keepalive = 5
+keepalive = 2  # seconds an idle keep-alive connection is kept (in the poller, no thread)
 # No preload: each worker opens the memory-mapped model itself (shared via the page cache)
 # and runs its own watcher thread, which must start after the fork.
 preload_app = False
