@@ -6,6 +6,9 @@ Configuration comes from the environment (defaults work on a laptop):
 ``REDIS_PREFIX``         key prefix (recs)
 ``MODEL_CACHE_DIR``      local folder for memory-mapped model files, shared by workers
 ``MODEL_POLL_SECONDS``   how often a worker re-checks the live pointer (2)
+``EVENTS_TOKEN``         bearer token(s), comma-separated, that POST /events requires (unset: open)
+``MAX_BODY_BYTES``       largest request body accepted (1 MiB); longer ones are 413, nothing stored
+``LOG_USER_IDS``         1: keep user ids in logged query strings (default: replaced by a keyed hash)
 ``ADMIN_TOKEN``          secret that signs operators in to /admin (unset: the dashboard is off)
 ``SECRET_KEY``           signs session cookies (default: derived from ADMIN_TOKEN, see app.admin)
 ``PROMETHEUS_MULTIPROC_DIR`` where gunicorn workers pool their metrics (see app.metrics)
@@ -32,6 +35,7 @@ def default_config() -> dict:
         "MODEL_POLL_SECONDS": float(os.environ.get("MODEL_POLL_SECONDS", "2")),
         "MODEL_WATCHER": True,  # tests turn the background thread off and call refresh()
         "MAX_CONTENT_LENGTH": int(os.environ.get("MAX_BODY_BYTES", str(1 << 20))),
+        "EVENTS_TOKEN": os.environ.get("EVENTS_TOKEN", ""),  # comma-separated bearer tokens for POST /events
         "DEBUG": False,  # Flask would take FLASK_DEBUG from the environment; production never debugs
     }
 

@@ -125,7 +125,13 @@ def readyz():
     live = live_model()
     body = {"model_version": live.version, "redis": "ok" if live.redis_ok else "unreachable"}
     if live.current is None:
-        return json_response({"status": "not ready", "error": "no model loaded", **body}, 503)
+        return json_response({"status": "not ready", "error": live.last_error or "no model loaded", **body}, 503)
+    fallback = live.fallback
+    if fallback is not None:
+        # Serving an older kept version while the live one cannot be loaded: still ready to answer.
+        return json_response(
+            {"status": "fallback", "live_version": fallback["live"], "error": fallback["error"], **body}, 200
+        )
     if not live.redis_ok:
         # Still answering from the loaded model; orchestrators may keep routing here.
         return json_response({"status": "degraded", **body}, 200)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+import redis
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
@@ -12,10 +13,11 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, **extra):
+    def __init__(self, status: int, message: str, headers: dict | None = None, **extra):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -30,7 +32,25 @@ def error_response(status: int, message: str, **extra) -> Response:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
-        return error_response(exc.status, exc.message, **exc.extra)
+        response = error_response(exc.status, exc.message, **exc.extra)
+        response.headers.update(exc.headers)
+        return response
+
+    @app.errorhandler(redis.OutOfMemoryError)
+    def redis_full(exc: redis.OutOfMemoryError):
+        # maxmemory with noeviction: Redis refuses writes rather than dropping data. Not our bug: retry later.
+        log.error("redis is full (maxmemory reached; nothing is evicted): %s", exc)
+        response = error_response(503, "the store is full and refuses writes; nothing was stored: retry later")
+        response.headers["Retry-After"] = "30"
+        return response
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def redis_down(exc: redis.RedisError):
+        log.warning("redis unavailable: %s", exc)
+        response = error_response(503, "the store (Redis) is unavailable: retry later")
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

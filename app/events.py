@@ -12,6 +12,8 @@ nothing counts as accepted.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 
 import orjson
@@ -53,13 +55,65 @@ def init_events(app: Flask) -> None:
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )
     app.extensions["event_log"] = EventLog(writer, keys)
+    raw = app.config.get("EVENTS_TOKEN") or ""
+    tokens = [t.strip() for t in (raw or "").split(",") if t.strip()]
+    app.config["EVENTS_TOKENS"] = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    if not tokens:
+        log.warning("EVENTS_TOKEN is not set: anyone who can reach POST /events can write events")
     app.extensions["live_model"].events = EventLog(reader, keys)
 
 
+def read_body(limit: int) -> bytes:
+    """The request body; 413 if it is longer than ``limit`` bytes, whether or not it said so up front.
+
+    A chunked body has no Content-Length, and werkzeug's limited stream stops
+    at the limit without an error: a long body would be cut and its prefix
+    taken. Here the body is read to one byte past the limit, straight from
+    the server's stream when the server ends it (gunicorn does, for chunked
+    bodies), and refused whole if that byte exists.
+    """
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ApiError(413, f"the body is {length} bytes; at most {limit} are accepted (MAX_BODY_BYTES)")
+    environ = request.environ
+    stream = environ["wsgi.input"] if length is None and environ.get("wsgi.input_terminated") else request.stream
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(1 << 16, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise ApiError(413, f"the body is longer than {limit} bytes (MAX_BODY_BYTES); nothing was stored")
+    return b"".join(chunks)
+
+
+def require_writer() -> None:
+    """``EVENTS_TOKEN`` set: the request must carry ``Authorization: Bearer <one of its tokens>``.
+
+    Several comma-separated tokens are accepted at once, so a token can be
+    rotated without downtime (add the new one, move the clients, drop the old).
+    Every configured token is compared, each in constant time (digests of equal
+    length), so neither a match's position nor a token's length shows in timing.
+    """
+    tokens = current_app.config.get("EVENTS_TOKENS")
+    if not tokens:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    digest = hashlib.sha256(given.strip().encode()).digest()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(digest, token)
+    if scheme.lower() != "bearer" or not given or not matched:
+        raise ApiError(401, "send 'Authorization: Bearer <token>' with a token from EVENTS_TOKEN", headers={"WWW-Authenticate": "Bearer"})
+
+
 def _events_from_body() -> list:
+    require_writer()
     if not request.is_json:
         raise ApiError(415, "send the events as JSON with 'Content-Type: application/json'")
-    body = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH -> 413 (app.errors)
+    body = read_body(current_app.config["MAX_CONTENT_LENGTH"])
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -88,6 +142,8 @@ def post_events():
         response = error_response(503, "the event store did not confirm in time; the events may not be stored: retry")
         response.headers["Retry-After"] = "1"
         return response
+    except redis.OutOfMemoryError:
+        raise  # 503 with Retry-After (app.errors): full, not down
     except redis.RedisError as exc:
         log.warning("events store unavailable: %s", exc)
         response = error_response(503, "the event store (Redis) is unavailable; nothing was stored: retry later")

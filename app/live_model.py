@@ -5,7 +5,9 @@ pointer (pub/sub notice plus a poll as a safety net); when it moves, the new
 version is fetched, verified, written to the shared local cache and opened,
 and only then swapped in with one reference assignment. Requests already
 running keep the object they started with, so a switch fails none of them.
-A version that fails verification is refused and the current one stays.
+A version that fails verification is not served: the current one stays (or,
+in a worker that has none, the newest kept version that loads) and the live
+one is retried with backoff until it loads (see :meth:`LiveModel.refresh`).
 When Redis is unreachable the worker keeps serving what it has loaded and
 reports itself degraded.
 """
@@ -13,12 +15,14 @@ reports itself degraded.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 import redis
 
+from app.metrics import LOAD_FAILURES, MODEL_FALLBACK
 from models.live_events import EventLog, fresh_overlay
 from models.recommender import Recommender
 from models.store import ModelError, ModelStore
@@ -27,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # After a failed overlay read, requests skip Redis for this long (no connect timeout per request).
 FRESH_RETRY_SECONDS = 1.0
+# A live version that does not load is tried again after this, doubling up to the maximum.
+RETRY_SECONDS = float(os.environ.get("MODEL_RETRY_SECONDS", "1"))
+RETRY_MAX_SECONDS = float(os.environ.get("MODEL_RETRY_MAX_SECONDS", "30"))
 
 
 class LiveModel:
@@ -37,7 +44,9 @@ class LiveModel:
         self.current: Recommender | None = None
         self.redis_ok = True
         self.last_error: str | None = None
-        self.refused: dict[str, str] = {}  # version -> why it was refused
+        self.refused: dict[str, str] = {}  # version -> why it could not be loaded (last attempt)
+        self.fallback: dict | None = None  # {"live", "serving", "error"} while the live version does not load
+        self._retries: dict[str, tuple[int, float]] = {}  # version -> (failures, monotonic time of the next try)
         self.fresh_users: set[str] | None = None  # None = unknown: ask Redis on every request
         self.events: EventLog | None = None  # set by app.events.init_events (short-timeout client)
         self._fresh_retry_at = 0.0
@@ -76,7 +85,18 @@ class LiveModel:
         return fresh_overlay(model, raw)
 
     def refresh(self) -> bool:
-        """Load the live version if it differs from the one served. True if it switched."""
+        """Serve the live version, or the best fallback while it cannot be loaded. True if it switched.
+
+        A live version that fails to load (unreadable metadata, a part that
+        fails its checksum, files that do not open) is retried with backoff
+        (``RETRY_SECONDS``, doubling up to ``RETRY_MAX_SECONDS``; at once when a
+        new pointer is announced), never given up: an operator who repairs it
+        needs no restart. Meanwhile a worker that has a model keeps it, and a
+        worker that has none (restarted, or a fresh host with an empty cache)
+        loads the newest kept version that verifies and is not ``rejected``
+        or ``corrupt``. ``fallback`` says so (``/readyz``, the log, the
+        ``recs_model_fallback`` metric).
+        """
         with self._switch_lock:
             try:
                 live = self.store.live_version()
@@ -85,31 +105,86 @@ class LiveModel:
                 self._mark_redis_down(exc)
                 return False
             if live is None or live == self.version:
+                self._set_fallback(None)
                 return False
-            if live in self.refused:
-                return False
+            retry = self._retries.get(live)
+            if retry is not None and time.monotonic() < retry[1]:
+                return self._ensure_fallback(live) if self.current is None else False
             try:
-                folder = self.store.materialize(live, self.cache_dir)
-                model = Recommender(folder)
-            except ModelError as exc:
-                # Wrong checksum or missing parts: refuse it, keep serving the previous one.
-                self.refused[live] = str(exc)
-                self.last_error = f"refused version {live}: {exc}"
-                log.error(self.last_error)
-                return False
+                model = self._load(live)
             except redis.RedisError as exc:
                 self._mark_redis_down(exc)
                 return False
-            except Exception as exc:  # unreadable local files etc.: same rule, keep serving
-                self.refused[live] = repr(exc)
-                self.last_error = f"could not open version {live}: {exc!r}"
-                log.exception("could not open version %s", live)
+            except Exception as exc:  # a bad version of any kind: keep serving, try again later
+                failures = retry[0] + 1 if retry else 1
+                wait = min(RETRY_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+                self._retries[live] = (failures, time.monotonic() + wait)
+                self.refused[live] = str(exc) if isinstance(exc, ModelError) else repr(exc)
+                self.last_error = f"cannot load live version {live}: {self.refused[live]}"
+                log.error("%s (attempt %d; next try in %.0f s)", self.last_error, failures, wait)
+                LOAD_FAILURES.inc()
+                if self.current is None:
+                    return self._ensure_fallback(live)
+                self._set_fallback(live)
                 return False
-            previous, self.current = self.current, model
-            self.last_error = None
-            log.info("serving model version %s (was %s)", live, previous.version if previous else None)
-            self._forget_old_copies()
+            self._retries.pop(live, None)
+            self.refused.pop(live, None)
+            self._swap(model)
+            self._set_fallback(None)
             return True
+
+    def _load(self, version: str) -> Recommender:
+        folder = self.store.materialize(version, self.cache_dir)
+        return Recommender(folder)
+
+    def _swap(self, model: Recommender) -> None:
+        previous, self.current = self.current, model
+        self.last_error = None
+        log.info("serving model version %s (was %s)", model.version, previous.version if previous else None)
+        self._forget_old_copies()
+
+    def _ensure_fallback(self, live: str) -> bool:
+        """Load the newest kept version that verifies (never ``live``, rejected or corrupt ones)."""
+        try:
+            kept = self.store.versions()
+        except redis.RedisError as exc:
+            self._mark_redis_down(exc)
+            return False
+        for meta in kept:  # newest first
+            version = meta.get("model_version")
+            if version == live or meta.get("status") in ("rejected", "corrupt"):
+                continue
+            try:
+                model = self._load(version)
+            except redis.RedisError as exc:
+                self._mark_redis_down(exc)
+                return False
+            except Exception as exc:
+                log.warning("fallback candidate %s does not load either: %s", version, exc)
+                continue
+            self._swap(model)
+            self.last_error = f"cannot load live version {live}: {self.refused.get(live)}"
+            self._set_fallback(live)
+            return True
+        log.error("no kept version loads; nothing to serve until the live version %s is repaired", live)
+        return False
+
+    def _set_fallback(self, live: str | None) -> None:
+        """Record that this worker serves another version than ``live`` (None: it serves the live one)."""
+        if live is not None and self.current is not None:
+            if self.fallback is None or self.fallback["live"] != live:
+                log.warning("serving fallback version %s while live version %s cannot be loaded", self.version, live)
+            self.fallback = {"live": live, "serving": self.version, "error": self.refused.get(live)}
+            MODEL_FALLBACK.set(1)
+        else:
+            if self.fallback is not None:
+                log.info("fallback over: serving the live version %s", self.version)
+            self.fallback = None
+            MODEL_FALLBACK.set(0)
+
+    def retry_now(self) -> None:
+        """A new pointer was announced: try the live version at once, whatever the backoff says."""
+        self._retries.clear()
 
     def _mark_redis_down(self, exc: Exception) -> None:
         if self.redis_ok:
@@ -174,6 +249,7 @@ class LiveModel:
                     if message["channel"].decode() == keys.fresh_channel:
                         self.note_fresh(message["data"].decode().split("\n"))
                     else:
+                        self.retry_now()
                         self._wake.set()
                         self._sync_fresh_users()  # a new version: the job dropped consumed entries
             except Exception:

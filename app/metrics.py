@@ -6,6 +6,8 @@ Owns the metric definitions:
 ``recs_http_request_duration_seconds{endpoint}``      latency histogram
 ``recs_http_errors_total{endpoint}``                  answers with a 5xx status
 ``recs_recommendations_total{strategy}``              /recommend answers; ``strategy="popular"`` is the fallback
+``recs_model_fallback{pid}``                          1 while a worker serves a fallback version (live one broken)
+``recs_model_load_failures_total``                    failed attempts to load the live version
 ``recs_job_runs_total{status}``, ``recs_job_duration_seconds``, ``recs_job_last_success_timestamp_seconds``
     batch runs, from the counters :mod:`jobs.runs` keeps in Redis, so any web
     worker reports runs done by the scheduler, cron or the CLI.
@@ -32,7 +34,7 @@ from collections import deque
 import orjson
 import redis
 from flask import Flask, Response, current_app, g, request
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from jobs.runs import job_stats
@@ -47,6 +49,13 @@ ERRORS = Counter("recs_http_errors_total", "Answers with a 5xx status (server er
 RECOMMENDATIONS = Counter(
     "recs_recommendations_total", "/recommend answers by strategy (popular = the popularity fallback)", ["strategy"]
 )
+
+MODEL_FALLBACK = Gauge(
+    "recs_model_fallback",
+    "1 while this worker serves another version because the live one cannot be loaded",
+    multiprocess_mode="liveall",
+)
+LOAD_FAILURES = Counter("recs_model_load_failures_total", "Attempts to load the live version that failed")
 
 PROCESS_STARTED = time.time()  # "since start" figures count from here (a worker's import)
 

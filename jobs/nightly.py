@@ -30,7 +30,7 @@ from models.build import build_parts, candidate_reasons, npy_bytes, open_parts, 
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
 from models.embeddings import ModelParams, learn_embeddings
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
-from models.live_events import take_for_job
+from models.live_events import compact, take_for_job
 from models.offline import cold_start_evaluation, select_params, served_top_k
 from models.progress import report
 from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
@@ -60,6 +60,7 @@ class NightlyConfig:
     selection_budget: float | None = None  # seconds; None = grows with the data
     cold_start: bool = True  # measure how well content alone places held-out titles
     live_events: bool = True  # also train on the events stream (POST /events), see models.live_events
+    events_archive: str | None = os.environ.get("EVENTS_ARCHIVE") or None  # compacted stream entries (a folder)
     activate: bool = True  # False: publish without moving the live pointer (jobs.runs applies the quality gate)
     # Used by the recorded path (jobs.runs): who started the run, its id, and the quality gate.
     trigger: str = "cli"
@@ -113,9 +114,9 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     live_dir = tempfile.TemporaryDirectory(prefix="live-events-")
     if store is not None and config.live_events:
         # Snapshot before loading: events accepted from now on belong to the next run.
-        live_info, stream_file = take_for_job(store, live_dir.name)
-        if stream_file is not None:
-            events_spec = f"{config.events},{stream_file}"
+        live_info, live_files = take_for_job(store, live_dir.name, config.events_archive)
+        if live_files:
+            events_spec = ",".join([config.events, *map(str, live_files)])
     catalog, catalog_report = load_catalog(config.catalog, config.max_rejected_share)
     events, events_report = load_events(events_spec, catalog, config.max_rejected_share)
     live_dir.cleanup()
@@ -215,7 +216,32 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         version = store.publish(parts, meta, activate=config.activate, keep=config.keep)
         timings["publish"] = time.perf_counter() - started
         meta["model_version"] = version
+        if config.activate:
+            compact_live_events(store, config)
     return NightlyResult(version=version, meta=meta, timings=timings, parts=parts)
+
+
+def compact_live_events(store: ModelStore, config: NightlyConfig) -> dict | None:
+    """After a version went live: archive and trim the stream, prune the overlay (models.live_events.compact).
+
+    The new version is live whatever happens here; a failure is logged and
+    returned, and the next run tries again (nothing is lost or doubled).
+    """
+    if not config.live_events:
+        return None
+    if not config.events_archive:
+        log.warning("EVENTS_ARCHIVE is not set: the events stream is not trimmed and grows with every event")
+    try:
+        result = compact(store, config.events_archive)
+    except Exception as exc:
+        log.error("compacting the events stream failed (the new version is live; the next run retries): %r", exc)
+        return {"error": repr(exc)}
+    log.info(
+        "events: %(archived)d archived, %(trimmed)d trimmed from the stream (%(stream_length)d left), "
+        "%(overlay_lines_removed)d overlay lines pruned; kept versions have all consumed through %(floor)s",
+        result,
+    )
+    return result
 
 
 def print_summary(result: NightlyResult, out=sys.stdout) -> None:
@@ -267,6 +293,7 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
     parser.add_argument("--max-rejected-share", type=float, default=DEFAULT_MAX_REJECTED_SHARE, help="fail if more than this share of rows break the contract")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     parser.add_argument("--no-live-events", action="store_true", help="train on the files only, not on the events stream of POST /events")
+    parser.add_argument("--events-archive", default=os.environ.get("EVENTS_ARCHIVE") or None, help="folder where stream entries every kept version has consumed are archived as Parquet, then trimmed from Redis; its files are read as input (env EVENTS_ARCHIVE)")
     parser.add_argument("--force", action="store_true", help="make the new version live even if the quality gate rejects it")
     parser.add_argument("--gate-tolerance", type=float, default=float(os.environ.get("GATE_TOLERANCE", "0.01")), help="quality gate: the new version goes live unless its holdout nDCG@10 is lower than the live one's by more than this (env GATE_TOLERANCE)")
     parser.add_argument("--trigger", choices=("cli", "scheduled", "manual"), default="cli", help="who started this run, kept in its run record (the scheduler passes scheduled/manual)")
@@ -296,6 +323,7 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
         params=ModelParams(**overrides),
         show_progress=not args.quiet,
         live_events=not args.no_live_events,
+        events_archive=args.events_archive,
         trigger=args.trigger,
         run_id=args.run_id,
         force=args.force,

@@ -45,7 +45,7 @@ import orjson
 import redis
 
 from models import progress
-from models.store import ModelStore, new_version_id, redis_from_url
+from models.store import CorruptMeta, ModelStore, new_version_id, redis_from_url
 
 log = logging.getLogger("jobs.runs")
 
@@ -420,7 +420,7 @@ def run_job(config, store: ModelStore | None = None) -> RunOutcome:
     :class:`LockHeld` when another run is going (the attempt is recorded as
     skipped) and re-raises whatever made the run fail (recorded as failed).
     """
-    from jobs.nightly import run_nightly  # heavy (torch): only a job process pays for it
+    from jobs.nightly import compact_live_events, run_nightly  # heavy (torch): only a job process pays for it
 
     if not config.publish:
         raise ValueError("run_job publishes; use run_nightly directly for a dry run")
@@ -452,12 +452,17 @@ def run_job(config, store: ModelStore | None = None) -> RunOutcome:
         with recording(record):
             log.info("run %s (%s) started on %s", run_id, config.trigger, base["host"])
             result = run_nightly(replace(config, activate=False), store)
+            compaction = None
             progress.report("gate", 0, 1)
             version = result.version
             live_version = store.live_version()
-            gate = quality_gate(
-                result.meta, store.meta_or_none(live_version) if live_version else None, config.gate_tolerance
-            )
+            try:
+                live_meta = store.meta_or_none(live_version) if live_version else None
+            except CorruptMeta as exc:
+                # Nothing to compare with, and nothing to protect: a worker cannot load it either.
+                log.warning("the live version's metadata is unreadable; the quality gate treats it as absent: %s", exc)
+                live_meta = None
+            gate = quality_gate(result.meta, live_meta, config.gate_tolerance)
             gate.forced = config.force and not gate.passed
             if lock.lost or not lock.held():
                 raise RuntimeError(
@@ -468,6 +473,7 @@ def run_job(config, store: ModelStore | None = None) -> RunOutcome:
                 store.activate(version)
                 status = "succeeded"
                 log.info("version %s is live (%s%s)", version, gate.reason, "; forced" if gate.forced else "")
+                compaction = compact_live_events(store, config)
             else:
                 store.set_status(version, "rejected", gate=gate.as_dict(), run_id=run_id)
                 status = "rejected"
@@ -484,6 +490,7 @@ def run_job(config, store: ModelStore | None = None) -> RunOutcome:
             metrics=result.meta.get("metrics"),
             timings=result.timings,
             gate=gate.as_dict(),
+            compaction=compaction,
         )
         return RunOutcome(run_id, status, version, gate, result)
     except LockHeld as exc:

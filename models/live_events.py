@@ -25,6 +25,7 @@ the job runs get ids above the snapshot and wait for the next night.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,11 +134,11 @@ class EventLog:
         last = self.redis.xrevrange(self.keys.events_stream, "+", "-", count=1)
         return last[0][0].decode() if last else STREAM_START
 
-    def read(self, upto: str) -> Iterator[tuple[str, LiveEvent]]:
-        """Every stream entry with id <= ``upto``, oldest first, in batches."""
-        if parse_stream_id(upto) == (0, 0):
+    def read(self, upto: str, after: str = STREAM_START) -> Iterator[tuple[str, LiveEvent]]:
+        """Every stream entry with ``after`` < id <= ``upto``, oldest first, in batches."""
+        if parse_stream_id(upto) <= parse_stream_id(after):
             return
-        start = "-"
+        start = "-" if parse_stream_id(after) == (0, 0) else "(" + after
         while True:
             batch = self.redis.xrange(self.keys.events_stream, start, upto, count=READ_BATCH)
             for entry_id, fields in batch:
@@ -155,24 +156,11 @@ class EventLog:
                 return
             start = "(" + batch[-1][0].decode()
 
-    def export(self, path: str | Path, upto: str) -> int:
-        """Write the entries up to ``upto`` as an events Parquet file for :func:`models.data.load_events`."""
-        users, items, stamps, seconds = [], [], [], []
-        for _, event in self.read(upto):
-            users.append(event.user_id)
-            items.append(event.item_id)
-            stamps.append(event.timestamp)
-            seconds.append(event.watch_seconds)
-        table = pa.table(
-            {
-                "user_id": pa.array(users, pa.string()),
-                "item_id": pa.array(items, pa.string()),
-                "timestamp": pa.array(stamps, pa.int64()),
-                "watch_seconds": pa.array(seconds, pa.float64()),
-            }
-        )
-        pq.write_table(table, path)
-        return len(users)
+    def export(self, path: str | Path, upto: str, after: str = STREAM_START) -> int:
+        """Write the entries in (``after``, ``upto``] as an events Parquet file for :func:`models.data.load_events`."""
+        events = [event for _, event in self.read(upto, after)]
+        write_events_parquet(path, events)
+        return len(events)
 
     def prune_fresh(self, upto: str, batch: int = 500) -> int:
         """Remove overlay entries with ids <= ``upto`` (already in the live model). Lines removed."""
@@ -185,6 +173,19 @@ class EventLog:
                 removed += int(self._prune(keys=[self.keys.fresh_history], args=[ms, seq, *fields.keys()]))
             if cursor == 0:
                 return removed
+
+
+def write_events_parquet(path: str | Path, events: list[LiveEvent]) -> None:
+    """Events in the data contract's columns (user_id, item_id, timestamp, watch_seconds)."""
+    table = pa.table(
+        {
+            "user_id": pa.array([e.user_id for e in events], pa.string()),
+            "item_id": pa.array([e.item_id for e in events], pa.string()),
+            "timestamp": pa.array([e.timestamp for e in events], pa.int64()),
+            "watch_seconds": pa.array([e.watch_seconds for e in events], pa.float64()),
+        }
+    )
+    pq.write_table(table, path)
 
 
 def fresh_overlay(model, raw: bytes | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -229,22 +230,123 @@ def fresh_overlay(model, raw: bytes | None) -> tuple[np.ndarray | None, np.ndarr
     return np.array(order, dtype=np.int32), weights
 
 
-def take_for_job(store, folder: str | Path) -> tuple[dict, Path | None]:
-    """The job's share of the stream: snapshot, export up to it, tidy the overlay.
+ARCHIVE_GLOB = "stream-*.parquet"
+
+
+def stream_id_after(stream_id: str) -> str:
+    """The smallest stream id greater than ``stream_id`` (``XTRIM MINID`` keeps ids >= it)."""
+    ms, seq = parse_stream_id(stream_id)
+    return f"{ms}-{seq + 1}"
+
+
+def archive_files(archive_dir: str | Path | None) -> list[Path]:
+    """The archive's event files, oldest first (names sort by their stream ids' numbers)."""
+    if not archive_dir or not Path(archive_dir).is_dir():
+        return []
+    return sorted(Path(archive_dir).glob(ARCHIVE_GLOB), key=lambda p: _archive_range(p)[1])
+
+
+def _archive_range(path: Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``stream-<first>_<last>.parquet`` -> (first, last) stream ids as tuples."""
+    first, _, last = path.name[len("stream-") : -len(".parquet")].partition("_")
+    return parse_stream_id(first), parse_stream_id(last)
+
+
+def archived_through(archive_dir: str | Path | None) -> str:
+    """The newest stream id already in the archive (``0-0`` if none): the stream is read after it."""
+    files = archive_files(archive_dir)
+    if not files:
+        return STREAM_START
+    ms, seq = _archive_range(files[-1])[1]
+    return f"{ms}-{seq}"
+
+
+def take_for_job(store, folder: str | Path, archive_dir: str | Path | None = None) -> tuple[dict, list[Path]]:
+    """The job's share of the live events: the archive's files plus the stream after them, up to now.
 
     Returns the ``live_events`` record for the new version's metadata and the
-    exported Parquet file (None when the stream is empty). Overlay entries
-    already inside the *currently live* version are pruned first; that is
-    only housekeeping (readers skip them anyway).
+    files to add to the job's input: every archive file and one Parquet file
+    of the stream entries after ``archived_through`` up to the snapshot (none
+    when there are no such entries). An entry is either in the archive or read
+    from the stream, never both, even if a compaction stopped between writing
+    its archive file and trimming the stream.
     """
     log = EventLog(store.redis, store.keys)
-    live = store.live_version()
-    if live is not None:
-        log.prune_fresh(consumed_through(store.meta_or_none(live)))
     upto = log.snapshot()
-    info = {"stream": store.keys.events_stream, "consumed_through": upto, "events": 0}
-    if upto == STREAM_START:
-        return info, None
-    path = Path(folder) / f"stream-upto-{upto}.parquet"
-    info["events"] = log.export(path, upto)
-    return info, path
+    after = archived_through(archive_dir)
+    info = {"stream": store.keys.events_stream, "consumed_through": upto, "events": 0, "archived_through": after}
+    files = archive_files(archive_dir)
+    if parse_stream_id(upto) > parse_stream_id(after):
+        path = Path(folder) / f"stream-after-{after}-upto-{upto}.parquet"
+        info["events"] = log.export(path, upto, after=after)
+        if info["events"]:
+            files.append(path)
+    if parse_stream_id(upto) < parse_stream_id(after):  # the archive is ahead of the stream's newest entry
+        info["consumed_through"] = after
+    return info, files
+
+
+def kept_floor(store) -> tuple[str, list[str]]:
+    """The oldest ``consumed_through`` among kept versions (unreadable ones cannot be served: skipped).
+
+    Entries at or below it are in every version that can be made live, so no
+    overlay or stream needs them any more. Returns it and the versions that hold it there.
+    """
+    floor, holders = None, []
+    for meta in store.versions():
+        if meta.get("status") == "corrupt":
+            continue
+        through = consumed_through(meta)
+        if floor is None or parse_stream_id(through) < parse_stream_id(floor):
+            floor, holders = through, [meta["model_version"]]
+        elif through == floor:
+            holders.append(meta["model_version"])
+    return floor or STREAM_START, holders
+
+
+def compact(store, archive_dir: str | Path | None) -> dict:
+    """After a new version is live: archive and trim what every kept version has consumed.
+
+    1. ``floor`` = the oldest ``consumed_through`` among kept versions.
+    2. With an archive folder: the stream entries after ``archived_through``
+       up to ``floor`` are written to ``stream-<first>_<last>.parquet`` (a temp
+       file, fsynced, renamed, folder fsynced), and only then trimmed from the
+       stream (``XTRIM MINID``). Without one the stream is not trimmed.
+    3. Overlay lines at or below ``floor`` are removed (users left empty go).
+
+    A crash at any point loses nothing and doubles nothing: the archive's
+    newest id says where the stream starts (:func:`take_for_job`).
+    """
+    log = EventLog(store.redis, store.keys)
+    floor, holders = kept_floor(store)
+    result = {"floor": floor, "held_by": holders, "archived": 0, "trimmed": 0, "archive_file": None}
+    if archive_dir:
+        archive = Path(archive_dir)
+        archive.mkdir(parents=True, exist_ok=True)
+        for stale in archive.glob(".stream-*.tmp"):  # a compaction that died while writing
+            stale.unlink(missing_ok=True)
+        after = archived_through(archive)
+        if parse_stream_id(floor) > parse_stream_id(after):
+            entries = list(log.read(floor, after=after))
+            if entries:
+                first, last = entries[0][0], entries[-1][0]
+                final = archive / f"stream-{first}_{last}.parquet"
+                temp = archive / f".{final.name}.tmp"
+                write_events_parquet(temp, [event for _, event in entries])
+                with open(temp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.rename(temp, final)
+                directory = os.open(archive, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+                result.update(archived=len(entries), archive_file=str(final))
+        through = archived_through(archive)
+        if parse_stream_id(through) > (0, 0):
+            # Only what the archive holds: never past it, even if the floor is further on.
+            bound = min(parse_stream_id(through), parse_stream_id(floor))
+            result["trimmed"] = int(store.redis.xtrim(store.keys.events_stream, minid=stream_id_after(f"{bound[0]}-{bound[1]}"), approximate=False))
+    result["overlay_lines_removed"] = log.prune_fresh(floor)
+    result["stream_length"] = int(store.redis.xlen(store.keys.events_stream))
+    return result

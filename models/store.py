@@ -76,6 +76,20 @@ class ModelError(RuntimeError):
     """A version that is missing, incomplete or fails its checksum."""
 
 
+class CorruptMeta(ModelError):
+    """A version whose metadata record is not readable (not JSON, or not a version record)."""
+
+
+def decode_meta(version: str, raw: bytes) -> dict:
+    try:
+        meta = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptMeta(f"version {version}: metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("parts"), dict):
+        raise CorruptMeta(f"version {version}: metadata is not a version record")
+    return meta
+
+
 def redis_from_url(url: str | None = None, **kwargs) -> redis.Redis:
     """The one way to connect: ``REDIS_URL`` (``redis://``, ``rediss://`` with password) or localhost."""
     url = url or os.environ.get("REDIS_URL", "redis://localhost:6379/0")
@@ -226,7 +240,10 @@ class ModelStore:
         pipe.set(self.keys.live, version)
         pipe.set(self.keys.meta(version), orjson.dumps({**meta, "status": "live", "activated_at": time.time()}))
         if previous and previous != version:
-            old = self.meta_or_none(previous)
+            try:
+                old = self.meta_or_none(previous)
+            except CorruptMeta:
+                old = None  # nothing to mark; the operator is moving away from it
             if old is not None:
                 pipe.set(self.keys.meta(previous), orjson.dumps({**old, "status": "ready"}))
         pipe.publish(self.keys.live_channel, version)
@@ -273,11 +290,16 @@ class ModelStore:
         return dropped
 
     def delete(self, version: str) -> None:
-        meta = self.meta_or_none(version)
+        try:
+            meta = self.meta_or_none(version)
+        except CorruptMeta:  # the parts cannot be listed from it: find them by name
+            meta = None
         keys = [self.keys.meta(version)]
         if meta:
             for name, info in meta.get("parts", {}).items():
                 keys.extend(self.keys.part(version, name, n) for n in range(info["chunks"]))
+        else:
+            keys.extend(self.redis.scan_iter(match=f"{self.keys.prefix}:version:{version}:part:*", count=1000))
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(self.keys.versions, version)
         pipe.delete(*keys)
@@ -289,8 +311,9 @@ class ModelStore:
         return value.decode() if value else None
 
     def meta_or_none(self, version: str) -> dict | None:
+        """The version's metadata, None if it has none; :class:`CorruptMeta` if it is unreadable."""
         raw = self.redis.get(self.keys.meta(version))
-        return orjson.loads(raw) if raw else None
+        return decode_meta(version, raw) if raw else None
 
     def meta(self, version: str) -> dict:
         meta = self.meta_or_none(version)
@@ -299,10 +322,23 @@ class ModelStore:
         return meta
 
     def versions(self) -> list[dict]:
-        """Metadata of every kept version, newest first."""
-        ids = [v.decode() for v in self.redis.zrevrange(self.keys.versions, 0, -1)]
-        metas = self.redis.mget([self.keys.meta(v) for v in ids]) if ids else []
-        return [orjson.loads(raw) for raw in metas if raw]
+        """Metadata of every kept version, newest first.
+
+        A version whose metadata is unreadable is listed as
+        ``{"model_version", "created_at", "status": "corrupt", "error"}``, so a
+        damaged record never hides the good ones (nor breaks a page listing them).
+        """
+        ids = [(v.decode(), score) for v, score in self.redis.zrevrange(self.keys.versions, 0, -1, withscores=True)]
+        metas = self.redis.mget([self.keys.meta(v) for v, _ in ids]) if ids else []
+        out = []
+        for (version, created), raw in zip(ids, metas):
+            if not raw:
+                continue
+            try:
+                out.append(decode_meta(version, raw))
+            except CorruptMeta as exc:
+                out.append({"model_version": version, "created_at": created, "status": "corrupt", "error": str(exc)})
+        return out
 
     def verify(self, version: str, meta: dict) -> None:
         """Cheap completeness check (every chunk present) before activating."""

@@ -158,7 +158,8 @@ def test_a_corrupt_version_is_refused_and_the_previous_keeps_serving(
     assert bad in live.refused and live.version == good
     user = live.current.user_ids[0]
     assert client.get(f"/recommend?user={user}").status_code == 200
-    assert client.get("/readyz").get_json()["status"] == "ready"
+    ready = client.get("/readyz").get_json()
+    assert ready["status"] == "fallback" and ready["model_version"] == good and ready["live_version"] == bad
     assert client.get("/version").get_json()["model_version"] == good
     assert not (tmp_path / "cache" / bad).exists()  # nothing half-verified left to open
     if activate_refuses:  # the publisher's own activation refuses it too
