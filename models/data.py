@@ -375,7 +375,7 @@ def _watch_seconds_fast(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray
     if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
         blank = blank | np.isnan(seconds)
     bad = (np.isnan(seconds) & ~blank) | (seconds < 0) | (seconds > MAX_WATCH_SECONDS)
-    return seconds.astype(np.float32), bad
+    return np.where(bad, np.nan, seconds).astype(np.float32), bad
 
 
 def _sorted_codes(parts: list[pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]:
