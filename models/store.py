@@ -18,6 +18,8 @@ Batch runs (written by :mod:`jobs.runs`, read by the dashboard)::
     {prefix}:runs:stats                 -> hash: outcome and duration counters (/metrics)
     {prefix}:lock:nightly               -> the id of the run holding the job lock (expires)
     {prefix}:scheduler                  -> JSON heartbeat of the scheduler process (expires)
+    {prefix}:admin:session:{sha256}     -> a signed-in dashboard session (expires with it)
+    {prefix}:admin:signin:{who}:{minute} -> failed sign-ins in that minute, per address hash or "all"
 
 Live events (written by ``POST /events``, read by the service and the job; see
 :mod:`models.live_events`)::
@@ -182,6 +184,13 @@ class Keys:
     @property
     def scheduler(self) -> str:
         return f"{self.prefix}:scheduler"
+
+    # The dashboard's server-side sessions and sign-in limits (app.admin.auth); names are hashes.
+    def admin_session(self, digest: str) -> str:
+        return f"{self.prefix}:admin:session:{digest}"
+
+    def admin_signin_failures(self, who: str, window: int) -> str:
+        return f"{self.prefix}:admin:signin:{who}:{window}"
 
 
 class ModelStore:

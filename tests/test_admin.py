@@ -155,6 +155,58 @@ def test_dashboard_pages_carry_strict_security_headers(admin):
     assert client.get("/admin/static/admin.js").status_code == 200
 
 
+def test_sign_in_attempts_are_rate_limited_per_address_and_overall(make_app, versions):
+    app = make_app()
+    attacker = app.test_client()
+    statuses = [sign_in(attacker, f"guess-{n}").status_code for n in range(8)]
+    assert statuses == [401] * 5 + [429] * 3
+    refused = sign_in(attacker)  # even the right token, while this address is locked out
+    assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
+    # Another address is not locked out by one guesser...
+    operator = app.test_client()
+    operator.environ_base["REMOTE_ADDR"] = "10.0.0.99"
+    assert sign_in(operator).status_code == 303
+    # ...but many addresses guessing together reach the overall limit (30 a minute).
+    failures = 5
+    for n in range(40):
+        client = app.test_client()
+        client.environ_base["REMOTE_ADDR"] = f"10.1.{n // 250}.{n % 250}"
+        for _ in range(2):
+            if sign_in(client, "guess").status_code == 401:
+                failures += 1
+    assert failures == 30
+    late = app.test_client()
+    late.environ_base["REMOTE_ADDR"] = "10.2.0.1"
+    assert sign_in(late, "guess").status_code == 429
+
+
+def test_signing_out_invalidates_the_session_server_side(make_app, versions):
+    client = make_app().test_client()
+    sign_in(client)
+    saved = client.get_cookie("recs_admin", path="/admin").value  # e.g. stolen, or a second tab
+    csrf = csrf_from(client.get("/admin/", headers=HTML).text)
+    assert client.post("/admin/logout", data={"csrf_token": csrf}).status_code == 303
+    replay = make_app().test_client()
+    replay.set_cookie("recs_admin", saved, path="/admin")
+    assert replay.get("/admin/", headers=HTML).status_code == 302
+    assert replay.get("/admin/runs").status_code == 401
+
+
+def test_control_characters_in_next_are_a_400_and_every_admin_answer_has_the_headers(make_app, versions):
+    client = make_app().test_client()
+    response = client.get("/admin/login?next=/admin/%0d%0aSet-Cookie:%20x=1", headers=HTML)
+    assert response.status_code == 400
+    page = client.get("/admin/login", headers=HTML)
+    response = client.post(
+        "/admin/login", data={"csrf_token": csrf_from(page.text), "token": TOKEN, "next": "/admin/\r\nX-Injected: 1"}
+    )
+    assert response.status_code == 400 and "X-Injected" not in response.headers
+    for answer in (response, client.get("/admin/no-such-page"), client.get("/admin/static/missing.js"), client.get("/admin")):
+        assert answer.headers["X-Frame-Options"] == "DENY", answer.status_code
+        assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+
+
 # -- overview, health, /metrics --------------------------------------------------------------------------
 def metric_values(client) -> dict[tuple, float]:
     text = client.get("/metrics").text
