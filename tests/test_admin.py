@@ -207,6 +207,21 @@ def test_control_characters_in_next_are_a_400_and_every_admin_answer_has_the_hea
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_a_corrupt_live_version_is_shown_as_such_and_a_good_one_can_be_activated(admin, versions, store):
+    client, csrf = admin
+    older, newer = versions
+    store.redis.set(store.keys.meta(newer), b"{not json")
+    overview = client.get("/admin/", headers=HTML)
+    assert overview.status_code == 200 and 'id="live-corrupt"' in overview.text
+    models = client.get("/admin/models", headers=HTML)
+    assert models.status_code == 200 and "unreadable metadata" in models.text
+    refused = client.post("/admin/models/activate", data={"csrf_token": csrf, "version": newer})
+    assert refused.status_code == 409 and store.live_version() == newer
+    response = client.post("/admin/models/activate", data={"csrf_token": csrf, "version": older})
+    assert response.status_code == 303 and store.live_version() == older
+    assert store.meta(older)["status"] == "live"
+
+
 # -- overview, health, /metrics --------------------------------------------------------------------------
 def metric_values(client) -> dict[tuple, float]:
     text = client.get("/metrics").text

@@ -19,7 +19,7 @@ from app.admin.charts import STATUS_COLOURS, Series, bar_chart, line_chart
 from jobs.runs import ACTIVE, get_run, list_runs, lock_ttl, queue_run, queued_requests, run_log
 from jobs.scheduler import scheduler_status
 from models.recommender import merge_history
-from models.store import ModelError
+from models.store import CorruptMeta, ModelError
 
 METRIC_NAMES = ("ndcg@10", "precision@10", "recall@10", "map@10", "coverage")
 SEARCH_LIMIT = 50
@@ -118,7 +118,11 @@ def short_version(version: str) -> str:
 @admin.get("/")
 def overview():
     live_version = store().live_version()
-    meta = store().meta_or_none(live_version) if live_version else None
+    corrupt = None
+    try:
+        meta = store().meta_or_none(live_version) if live_version else None
+    except CorruptMeta as exc:  # shown as such; the operator activates a good version on Models
+        meta, corrupt = None, str(exc)
     model, popularity = model_metrics(meta)
     chart = None
     if model:
@@ -136,6 +140,8 @@ def overview():
         "admin/overview.html",
         live_version=live_version,
         serving=live_model().version,
+        fallback=live_model().fallback,
+        corrupt=corrupt,
         meta=meta,
         model=model,
         popularity=popularity,
