@@ -70,6 +70,7 @@ class RedisServer:
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--dbfilename", "dump.rdb", "--appendonly", "no", "--save", "", "--protected-mode", "no",
+                "--maxmemory", "12gb", "--maxmemory-policy", "noeviction",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

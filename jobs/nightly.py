@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import redis
 
 from models.build import build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
@@ -352,6 +353,14 @@ def failure_exit_code(exc: Exception) -> int:
     if isinstance(exc, DataError):
         print(f"error: bad input data; nothing was published.\n{exc}", file=sys.stderr)
         return 2
+    if isinstance(exc, redis.OutOfMemoryError):
+        print(
+            f"error: Redis is full (OOM: maxmemory reached, and it evicts nothing) and refused a write; the live "
+            f"model is unchanged. Free memory (fewer kept versions, --keep; set EVENTS_ARCHIVE so the events "
+            f"stream is trimmed) or raise Redis' maxmemory, then run again. ({exc})",
+            file=sys.stderr,
+        )
+        return 1
     log.error("nightly job failed", exc_info=exc)
     print(f"error: nightly job failed; the live model is unchanged: {exc}", file=sys.stderr)
     return 1

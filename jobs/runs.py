@@ -499,14 +499,26 @@ def run_job(config, store: ModelStore | None = None) -> RunOutcome:
         raise
     except BaseException as exc:
         message = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
-        record.save(
-            **base, status="failed", started_at=started, ended_at=time.time(), error=f"{type(exc).__name__}: {message}"
-        )
+        with _bookkeeping("record the failed run"):
+            record.save(
+                **base, status="failed", started_at=started, ended_at=time.time(), error=f"{type(exc).__name__}: {message}"
+            )
         raise
     finally:
-        lock.release()  # deletes the key only if this run holds it
-        record_outcome(store, status, 0.0 if status == "skipped" else time.time() - started)
-        prune_runs(store, runs_keep())
+        # Bookkeeping must not hide why the run stopped (e.g. Redis refusing writes when it is full).
+        with _bookkeeping("release the job lock"):
+            lock.release()  # deletes the key only if this run holds it
+        with _bookkeeping("count the run's outcome"):
+            record_outcome(store, status, 0.0 if status == "skipped" else time.time() - started)
+            prune_runs(store, runs_keep())
+
+
+@contextlib.contextmanager
+def _bookkeeping(what: str) -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as exc:
+        log.warning("could not %s: %s", what, exc)
 
 
 def run_from_cli(config) -> int:

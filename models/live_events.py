@@ -38,7 +38,7 @@ from models.data import LiveEvent
 from models.store import Keys
 
 STREAM_START = "0-0"  # "nothing consumed yet"
-FRESH_MAX_BYTES = 16 * 1024  # per user, ~200 events: bounds the per-request read and parse
+FRESH_MAX_BYTES = 16 * 1024  # per user: the newest ~400 events with short ids (~40 bytes a line); bounds the read
 READ_BATCH = 10_000
 
 # One atomic step per batch: append every event to the stream and to its user's overlay.

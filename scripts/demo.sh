@@ -14,7 +14,9 @@ if [ -z "${REDIS_URL:-}" ]; then
     scripts/ensure-redis-server.sh
     mkdir -p var/redis
     echo "starting a local redis-server on 6379 (data and AOF in var/redis)"
+    # noeviction: at the memory limit Redis refuses writes (the API answers 503) instead of dropping data.
     redis-server --port 6379 --bind 127.0.0.1 --dir "$PWD/var/redis" --appendonly yes --daemonize yes \
+      --maxmemory "${REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction \
       --logfile "$PWD/var/redis/redis.log" >/dev/null
     for _ in $(seq 50); do
       $PY -c "import redis; redis.Redis().ping()" 2>/dev/null && break
@@ -24,12 +26,22 @@ if [ -z "${REDIS_URL:-}" ]; then
 fi
 echo "Redis: ${REDIS_URL%%@*}@…" | sed 's/@…$//'
 
+# Events posted to the service are archived here by the nightly job, then trimmed from Redis.
+export EVENTS_ARCHIVE="${EVENTS_ARCHIVE:-$PWD/var/events-archive}"
+# POST /events needs a bearer token; the demo makes one (kept in var/events-token) unless you set EVENTS_TOKEN.
+if [ -z "${EVENTS_TOKEN:-}" ]; then
+  [ -s var/events-token ] || (umask 077; $PY -c 'import secrets; print(secrets.token_urlsafe(24))' > var/events-token)
+  EVENTS_TOKEN=$(cat var/events-token)
+  export EVENTS_TOKEN
+fi
+
 if [ ! -f "$DATA/events.csv" ]; then
   $PY -m jobs.make_demo_data --out "$DATA"
 fi
 $PY -m jobs.nightly --events "$DATA/events.csv" --catalog "$DATA/catalog.csv"
 
 USER_ID=$(sed -n '2p' "$DATA/events.csv" | cut -d, -f1)
+ITEM_ID=$(sed -n '2p' "$DATA/catalog.csv" | cut -d, -f1)
 export PORT
 if $PY -c "import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(('127.0.0.1', int(sys.argv[1]))) == 0 else 1)" "$PORT"; then
   echo "error: port $PORT is already in use; run with another, e.g. PORT=8001 make demo" >&2
@@ -50,6 +62,12 @@ cat <<MSG
 The service is up on port $PORT. Try:
 
   curl 'http://localhost:$PORT/recommend?user=$USER_ID&k=5'
+
+Post a viewing (writes need the token in EVENTS_TOKEN, kept in var/events-token):
+
+  curl -X POST 'http://localhost:$PORT/events' -H "Authorization: Bearer \$(cat var/events-token)" \\
+       -H 'Content-Type: application/json' \\
+       -d '{"user_id": "$USER_ID", "item_id": "$ITEM_ID", "timestamp": '\$(date +%s)', "watch_seconds": 1500}'
 
 Press Ctrl-C to stop.
 MSG

@@ -48,6 +48,8 @@ class RedisServer:
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no",
+                # As the demo runs it: a memory limit, and refusing writes (never evicting) when it is reached.
+                "--maxmemory", "2gb", "--maxmemory-policy", "noeviction",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

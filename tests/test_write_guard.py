@@ -13,7 +13,8 @@ import pytest
 
 from models.data import MAX_RECORD_ERRORS, MAX_WATCH_SECONDS, load_catalog, load_events, validate_event_records
 from tests.conftest import write_csv
-from tests.helpers import get, http as http_call, start_gunicorn, stop
+from tests.helpers import get, start_gunicorn, stop
+from tests.helpers import http as http_call
 from tests.test_events import event, make_app
 
 NOW = int(time.time())
