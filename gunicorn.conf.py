@@ -20,8 +20,11 @@ keepalive = 2  # seconds an idle keep-alive connection is kept (in the poller, n
 # No preload: each worker opens the memory-mapped model itself (shared via the page cache)
 # and runs its own watcher thread, which must start after the fork.
 preload_app = False
-accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
+# JSON lines (app/logs.py): one access line per request (status, latency, request id; user ids hashed)
+# on stdout, gunicorn's and the app's own lines on stderr. GUNICORN_ACCESSLOG=off turns access lines off.
+accesslog = None if os.environ.get("GUNICORN_ACCESSLOG") == "off" else os.environ.get("GUNICORN_ACCESSLOG", "-")
 errorlog = "-"
+logger_class = "app.logs.GunicornLogger"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 limit_request_line = 4094
 limit_request_fields = 100

@@ -16,7 +16,6 @@ Configuration comes from the environment (defaults work on a laptop):
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 
@@ -24,6 +23,7 @@ from flask import Flask
 
 from app.errors import register_error_handlers
 from app.live_model import LiveModel
+from app.logs import configure_logging, init_request_ids
 from models.store import ModelStore, redis_from_url
 
 
@@ -45,7 +45,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update(default_config())
     app.config.update(config or {})
     app.json.sort_keys = False
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
+    init_request_ids(app)
 
     store = ModelStore(redis_from_url(app.config["REDIS_URL"], socket_timeout=2.0), app.config["REDIS_PREFIX"])
     live = LiveModel(store, app.config["MODEL_CACHE_DIR"], app.config["MODEL_POLL_SECONDS"])
