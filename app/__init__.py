@@ -8,6 +8,7 @@ Configuration comes from the environment (defaults work on a laptop):
 ``MODEL_POLL_SECONDS``   how often a worker re-checks the live pointer (2)
 ``EVENTS_TOKEN``         bearer token(s), comma-separated, that POST /events requires (unset: open)
 ``MAX_BODY_BYTES``       largest request body accepted (1 MiB); longer ones are 413, nothing stored
+``TRUSTED_PROXY_HOPS``   proxies in front that set X-Forwarded-For (0); the client address comes from it
 ``LOG_USER_IDS``         1: keep user ids in logged query strings (default: replaced by a keyed hash)
 ``ADMIN_TOKEN``          secret that signs operators in to /admin (unset: the dashboard is off)
 ``SECRET_KEY``           signs session cookies (default: derived from ADMIN_TOKEN, see app.admin)
@@ -47,6 +48,11 @@ def create_app(config: dict | None = None) -> Flask:
     app.json.sort_keys = False
     configure_logging()
     init_request_ids(app)
+    hops = int(os.environ.get("TRUSTED_PROXY_HOPS", "0"))
+    if hops > 0:  # behind that many proxies the client's address is in X-Forwarded-For (sign-in limits use it)
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)
 
     store = ModelStore(redis_from_url(app.config["REDIS_URL"], socket_timeout=2.0), app.config["REDIS_PREFIX"])
     live = LiveModel(store, app.config["MODEL_CACHE_DIR"], app.config["MODEL_POLL_SECONDS"])

@@ -81,13 +81,18 @@ SCHEMAS = {
             "user_id": ID_SCHEMA,
             "item_id": ID_SCHEMA,
             "timestamp": {
-                "description": "unix seconds, or an ISO-8601 string (UTC if no zone); 1970-2100",
+                "description": "unix seconds, or an ISO-8601 string (UTC if no zone); from 1970 up to one day from now",
                 "oneOf": [
-                    {"type": "number", "minimum": 0, "maximum": 4102444800},
+                    {"type": "number", "minimum": 0},
                     {"type": "string", "minLength": 1, "maxLength": 64},
                 ],
             },
-            "watch_seconds": {"type": ["number", "null"], "minimum": 0, "description": "seconds watched, if known"},
+            "watch_seconds": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": 86400,
+                "description": "seconds watched, if known (one viewing lasts at most a day)",
+            },
         },
     },
     "ScoredTitle": {
@@ -196,8 +201,9 @@ PATHS = {
                 "All or nothing: a batch with any bad event is refused (400, per-row errors) and nothing is stored. "
                 "Accepted events are in Redis (stream, AOF) when the answer is sent, change the user's next "
                 "/recommend at once, and go into the next nightly model exactly once. 503 means nothing was "
-                "accepted; retry."
+                "accepted; retry. With EVENTS_TOKEN set, send 'Authorization: Bearer <token>'."
             ),
+            "security": [{}, {"bearer": []}],
             "requestBody": {
                 "required": True,
                 "content": {
@@ -241,9 +247,10 @@ PATHS = {
                     "bad JSON or events that break the data contract; nothing stored",
                     {"$ref": "#/components/schemas/EventErrors"},
                 ),
-                "413": _error("the body is larger than MAX_BODY_BYTES"),
+                "401": _error("EVENTS_TOKEN is set and the request has no bearer token, or a wrong one"),
+                "413": _error("the body is larger than MAX_BODY_BYTES (chunked bodies too); nothing stored"),
                 "415": _error("the body is not JSON"),
-                "503": _error("Redis cannot take the events now; nothing was accepted"),
+                "503": _error("Redis cannot take the events now (down, or full); nothing was accepted; see Retry-After"),
             },
         }
     },
@@ -259,7 +266,7 @@ PATHS = {
     },
     "/readyz": {
         "get": {
-            "summary": "A model is loaded (readiness); degraded while Redis is unreachable",
+            "summary": "A model is loaded (readiness); degraded while Redis is unreachable; fallback while the live version does not load",
             "responses": {
                 "200": _json(
                     "serving; degraded = answering from the loaded model without Redis",
@@ -267,8 +274,13 @@ PATHS = {
                         "type": "object",
                         "required": ["status", "model_version", "redis"],
                         "properties": {
-                            "status": {"type": "string", "enum": ["ready", "degraded"]},
+                            "status": {"type": "string", "enum": ["ready", "degraded", "fallback"]},
                             "model_version": {"type": "string"},
+                            "live_version": {
+                                "type": "string",
+                                "description": "fallback: the live version this worker cannot load (it retries)",
+                            },
+                            "error": {"type": ["string", "null"]},
                             "redis": {"type": "string", "enum": ["ok", "unreachable"]},
                         },
                     },
@@ -321,7 +333,10 @@ DOCUMENT = {
         "description": 'Every error is JSON {"error": "..."}. Ids are opaque strings (1-128 characters, no control characters).',
     },
     "paths": PATHS,
-    "components": {"schemas": SCHEMAS},
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "a token from EVENTS_TOKEN"}},
+    },
 }
 
 

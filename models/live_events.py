@@ -13,9 +13,11 @@ Exactly once into the model: the job snapshots the stream's last id before it
 loads anything, trains on the files plus every stream entry up to and
 including that id, and records the id in the published version's metadata
 (``live_events.consumed_through``), which becomes live in the same atomic
-pointer switch as the model. The stream itself is never consumed or trimmed,
-so a crash anywhere before the switch leaves nothing half-done: the next run
-reads the same entries again (plus newer ones). Each entry has a unique id,
+pointer switch as the model. Nothing is consumed before the switch, so a
+crash anywhere before it leaves nothing half-done: the next run reads the same
+entries again (plus newer ones). Only after a switch does :func:`compact`
+archive (to Parquet, ``EVENTS_ARCHIVE``) and trim the entries every kept
+version has; from then on the job reads the archive plus the stream after it. Each entry has a unique id,
 so it is in a model at most once; the overlay shows only entries newer than
 the serving version's ``consumed_through``, so an event is either in the
 model's history or in the overlay, never in both. Events that arrive while

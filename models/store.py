@@ -24,7 +24,7 @@ Batch runs (written by :mod:`jobs.runs`, read by the dashboard)::
 Live events (written by ``POST /events``, read by the service and the job; see
 :mod:`models.live_events`)::
 
-    {prefix}:events                     -> stream: every accepted event (u, i, t, w), never trimmed
+    {prefix}:events                     -> stream: accepted events (u, i, t, w); trimmed once archived (live_events.compact)
     {prefix}:fresh                      -> hash: user id -> that user's newest stream entries
 
 Publishing writes every part, then the metadata, and only then moves the
