@@ -26,7 +26,7 @@ import re
 import secrets
 import sys
 import time
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import unquote_plus
 
 import orjson
 from flask import Flask, request
@@ -34,7 +34,7 @@ from gunicorn.glogging import Logger
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_USER_PARAMS = ("user", "user_id")
+_USER_IN_QUERY = re.compile(r"(^|&)(user|user_id)=([^&]*)")
 _HASH_KEY = (os.environ.get("LOG_HASH_KEY") or secrets.token_hex(16)).encode()
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -46,10 +46,9 @@ def hashed_user(user_id: str) -> str:
 
 def loggable_query(query: str) -> str:
     """The query string with user ids replaced by their keyed hash (unless ``LOG_USER_IDS=1``)."""
-    if not query or os.environ.get("LOG_USER_IDS") == "1":
+    if "user" not in query or os.environ.get("LOG_USER_IDS") == "1":
         return query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    return urlencode([(k, hashed_user(v) if k in _USER_PARAMS else v) for k, v in pairs])
+    return _USER_IN_QUERY.sub(lambda m: f"{m[1]}{m[2]}={hashed_user(unquote_plus(m[3]))}", query)
 
 
 class JsonFormatter(logging.Formatter):

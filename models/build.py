@@ -114,6 +114,12 @@ def catalog_columns(catalog: Catalog) -> dict:
         "seasons": optional("seasons"),
         "episodes": optional("episodes"),
         "kind": items["kind"].astype(str).tolist(),
+        # Catalogue rules (models.rules): None = unrestricted / unrated.
+        "maturity": optional("maturity") if "maturity" in items else [None] * len(items),
+        "regions": [list(r) for r in items["regions"]] if "regions" in items else [[] for _ in range(len(items))],
+        "available_from": optional("available_from") if "available_from" in items else [None] * len(items),
+        "available_until": optional("available_until") if "available_until" in items else [None] * len(items),
+        "added_at": optional("added_at") if "added_at" in items else [None] * len(items),
     }
 
 

@@ -6,7 +6,12 @@ Everything that reads input files goes through :func:`load_events` and
 events   ``user_id``, ``item_id`` (strings), ``timestamp`` (unix seconds or
          ISO-8601), optional ``watch_seconds`` (>= 0). One row per viewing.
 catalog  ``item_id``, ``title`` required; optional ``genres`` (pipe-separated),
-         ``year``, ``episode_minutes``, ``seasons``, ``episodes`` (may be blank).
+         ``year``, ``episode_minutes``, ``seasons``, ``episodes`` (may be blank),
+         and the catalogue rules (blank = unrestricted): ``maturity`` (minimum
+         viewer age 0-18 or a rating such as ``PG-13``/``TV-MA``; blank =
+         unrated), ``regions`` (pipe-separated ISO 3166 codes where licensed),
+         ``available_from`` / ``available_until`` (ISO dates; a bare ``until``
+         date is the last day), ``added_at`` (when the title arrived).
 
 The format is chosen by extension (``.csv``, ``.parquet``/``.pq``); a path may
 be a glob (daily partitions) or a comma-separated list. Extra columns are
@@ -350,15 +355,103 @@ def load_catalog(spec: str | os.PathLike, max_rejected_share: float = DEFAULT_MA
         for extra in ("kind",):
             if extra in table.column_names:
                 frame[extra] = pd.Series(table[extra].to_numpy(zero_copy_only=False), dtype=object).fillna("")
+        for name, parse, problem in _RULE_COLUMNS:
+            raw = _text_column(table, name)
+            values, bad = parse(raw)
+            rejections.add(path, name, bad & keep, raw, problem)
+            keep &= ~bad
+            frame[name] = values
+        opens, closes = frame["available_from"].to_numpy(), frame["available_until"].to_numpy()
+        inverted = np.isfinite(opens) & np.isfinite(closes) & (opens >= closes)
+        rejections.add(path, "available_until", inverted & keep, _text_column(table, "available_until"), "not after available_from")
+        keep &= ~inverted
         frames.append(frame[keep])
     rejections.check(report.rows_read, max_rejected_share, "catalog")
     items = pd.concat(frames, ignore_index=True).drop_duplicates("item_id", keep="last").reset_index(drop=True)
     if "kind" not in items.columns:
         items["kind"] = ""
+    items["kind"] = items["kind"].astype(str).str.strip().str.lower()
     if items.empty:
         raise DataError(f"{', '.join(report.files)}: the catalogue has no valid titles")
     index = {item_id: row for row, item_id in enumerate(items["item_id"])}
     return Catalog(items=items, index=index), report
+
+
+# -- catalogue rules: maturity, licensed regions, availability window, arrival date ----------------------
+MATURITY_AGES = (0, 7, 13, 16, 18)
+# Common ratings -> the minimum viewer age they stand for (rounded up to one of MATURITY_AGES).
+MATURITY_LABELS = {
+    "G": 0, "U": 0, "ALL": 0, "TV-Y": 0, "TV-G": 0, "PG": 7, "TV-Y7": 7, "TV-PG": 7, "7": 7,
+    "PG-13": 13, "12": 13, "12A": 13, "13": 13, "TV-14": 16, "15": 16, "16": 16,
+    "R": 18, "NC-17": 18, "TV-MA": 18, "18": 18, "X": 18,
+}  # fmt: skip
+_REGION = re.compile(r"[A-Z]{2}")
+
+
+def _text_column(table: pa.Table, name: str) -> np.ndarray:
+    """A column as stripped text ('' for blank or missing), whatever its stored type."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, "", dtype=object)
+    values = pd.Series(table[name].to_numpy(zero_copy_only=False), dtype=object)
+    return values.map(lambda v: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else str(v).strip()).to_numpy()
+
+
+def maturity_age(text: str) -> float | None:
+    """'PG-13' -> 13, '16' -> 16, '' -> NaN (unrated); None if it is neither a known label nor an age 0-18."""
+    if text == "":
+        return math.nan
+    label = text.upper()
+    if label in MATURITY_LABELS:
+        return float(MATURITY_LABELS[label])
+    try:
+        age = float(text)
+    except ValueError:
+        return None
+    return age if age.is_integer() and 0 <= age <= 18 else None
+
+
+def _parse_maturity(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ages = [maturity_age(text) for text in raw]
+    bad = np.array([a is None for a in ages], dtype=bool)
+    return np.array([math.nan if a is None else a for a in ages], dtype=np.float64), bad
+
+
+def _parse_regions(raw: np.ndarray) -> tuple[list, np.ndarray]:
+    regions, bad = [], np.zeros(len(raw), dtype=bool)
+    for n, text in enumerate(raw):
+        codes = [c.strip().upper() for c in text.split("|") if c.strip()]
+        if not all(_REGION.fullmatch(c) for c in codes):
+            bad[n] = True
+            codes = []
+        regions.append(sorted(set(codes)))
+    return pd.Series(regions, dtype=object).to_numpy(), bad
+
+
+def _parse_dates(raw: np.ndarray, end_of_day: bool) -> tuple[np.ndarray, np.ndarray]:
+    """ISO dates or times -> unix seconds (NaN for blank). A bare date ``until`` means through that day."""
+    out = np.full(len(raw), np.nan)
+    bad = np.zeros(len(raw), dtype=bool)
+    for n, text in enumerate(raw):
+        if not text:
+            continue
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            bad[n] = True
+            continue
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        out[n] = parsed.timestamp() + (86400 if end_of_day and len(text) == 10 else 0)
+    return out, bad
+
+
+_RULE_COLUMNS = (
+    ("maturity", _parse_maturity, f"not an age {'/'.join(map(str, MATURITY_AGES))} or a known rating (PG-13, TV-MA, ...)"),
+    ("regions", _parse_regions, "not pipe-separated ISO 3166 alpha-2 codes (GB|IE)"),
+    ("available_from", lambda raw: _parse_dates(raw, False), "not an ISO-8601 date"),
+    ("available_until", lambda raw: _parse_dates(raw, True), "not an ISO-8601 date"),
+    ("added_at", lambda raw: _parse_dates(raw, False), "not an ISO-8601 date"),
+)
 
 
 def _watch_seconds_fast(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray] | None:

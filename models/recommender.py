@@ -29,6 +29,8 @@ import numpy as np
 import orjson
 from annoy import AnnoyIndex
 
+from models.rules import CatalogRules, Filters
+
 BECAUSE_HISTORY = 200  # most recent history titles searched for a "because"
 ANNOY_CANDIDATES = 300  # titles asked of Annoy per query before exact re-scoring
 POPULAR_CANDIDATES = 200  # most popular titles always re-scored alongside
@@ -250,57 +252,138 @@ class Recommender:
         return out
 
     # -- the three questions the service answers ------------------------------------
+    @cached_property
+    def rules(self) -> CatalogRules:
+        """Eligibility arrays of this version's catalogue rules (models.rules)."""
+        return CatalogRules(self.items)
+
     def recommend(
         self,
         user_id: str,
         k: int,
         fresh_items: np.ndarray | None = None,
         fresh_weights: np.ndarray | None = None,
+        filters: Filters | None = None,
+        exclude: set[int] | None = None,
+        now: float | None = None,
     ) -> tuple[str, list[Recommendation]]:
         """("personalized" | "popular", recommendations) for a user.
 
         ``fresh_*`` are events that arrived after this version was built; they
         join the history, are excluded, and force a fresh computation.
+        Only titles ``filters`` allow right now (the availability window
+        always applies) and not in ``exclude`` are returned, and ``k`` of them
+        whenever ``k`` such unseen titles exist: when the precomputed
+        candidates run out, the search goes deeper (a wider Annoy search,
+        then exact scoring over every eligible title).
         """
+        eligible = self.rules.eligible(filters, now)
+        exclude = exclude or set()
         items, weights = self.history(user_id)
         if fresh_items is not None and len(fresh_items):
             items, weights = merge_history(fresh_items, fresh_weights, items, weights)
         if len(items) == 0:
-            return "popular", self.popular_items(k, exclude=set())
+            return "popular", self.popular_items(k, exclude=exclude, eligible=eligible)
+        seen = set(int(i) for i in items)
         row = self.user_index.get(user_id)
         fresh = fresh_items is not None and len(fresh_items) > 0
-        reasons = None
-        if not fresh and row is not None and self.candidates is not None and k <= self.candidates.shape[1]:
-            cands = self.candidates[row, :k].tolist()
-            picked = [(i, s) for i, s in zip(cands, self.candidate_scores[row, :k].tolist()) if i >= 0]
-            if self.candidate_because is not None:
-                reasons = [[t for t in r if t >= 0] for r in self.candidate_because[row, : len(picked)].tolist()]
-        else:
-            picked = self.recommend_from_history(items, weights, k)
+        picked, reasons = None, None
+        if not fresh and row is not None and self.candidates is not None:
+            cands = self.candidates[row].tolist()
+            scores = self.candidate_scores[row].tolist()
+            keep = [n for n, i in enumerate(cands) if i >= 0 and eligible[i] and i not in exclude]
+            if len(keep) >= k or (len(keep) == sum(i >= 0 for i in cands) and k <= len(cands)):
+                keep = keep[:k]
+                picked = [(cands[n], scores[n]) for n in keep]
+                if self.candidate_because is not None:
+                    because = self.candidate_because[row]
+                    reasons = [[t for t in because[n].tolist() if t >= 0] for n in keep]
+        if picked is None:
+            picked = self.ranked(items, weights, k, eligible, seen | exclude)
         if not picked:
-            return "popular", self.popular_items(k, exclude=set(int(i) for i in items))
+            return "popular", self.popular_items(k, exclude=seen | exclude, eligible=eligible)
         if reasons is None:
             reasons = self.because([i for i, _ in picked], items)
         recs = [Recommendation(i, s, r) for (i, s), r in zip(picked, reasons)]
         if len(recs) < k:  # tiny catalogues or heavy users: top up from the popular list
-            seen = set(int(i) for i in items) | {r.item for r in recs}
-            recs += self.popular_items(k - len(recs), exclude=seen)
+            recs += self.popular_items(k - len(recs), exclude=seen | exclude | {r.item for r in recs}, eligible=eligible)
         return "personalized", recs
 
-    def popular_items(self, k: int, exclude: set[int]) -> list[Recommendation]:
+    def ranked(
+        self, items: np.ndarray, weights: np.ndarray, k: int, eligible: np.ndarray, exclude: set[int]
+    ) -> list[tuple[int, float]]:
+        """Top ``k`` eligible titles not in ``exclude`` for a history: Annoy, wider Annoy, then exact."""
+        query = self.user_vector(items, weights)
+        history = np.asarray(items)
+        found = self.nearest_unseen(query, 2 * k, exclude, history=history)  # the usual case: a few are filtered
+        found = [(i, score) for i, score in found if eligible[i]][:k]
+        if len(found) >= k:
+            return found
+        seq_items, seq_values = self.sequence_scores(history)
+        wide = max(10 * k, 1000) + len(exclude)
+        if wide < self.n_items // 4:
+            found = self.rec_index.get_nns_by_vector(query, wide, search_k=max(self.search_k, wide * 20))
+            strongest = seq_items[np.argsort(-seq_values)[: SEQUENCE_CANDIDATES + len(exclude)]].tolist()
+            pool = np.fromiter(
+                (i for i in dict.fromkeys([*found, *self.popular_head, *strongest]) if eligible[i] and i not in exclude),
+                dtype=np.int64,
+            )
+            if len(pool) >= k:
+                return self._top(query, pool, seq_items, seq_values, k)
+        pool = np.flatnonzero(eligible)  # exact over every eligible title
+        if exclude:
+            pool = pool[~np.isin(pool, np.fromiter(exclude, dtype=np.int64))]
+        return self._top(query, pool, seq_items, seq_values, k)
+
+    def _top(self, query, pool: np.ndarray, seq_items, seq_values, k: int) -> list[tuple[int, float]]:
+        if len(pool) == 0:
+            return []
+        scores = self.blended_scores(query, pool, seq_items, seq_values)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return list(zip(pool[top].tolist(), scores[top].tolist()))
+
+    def popular_items(self, k: int, exclude: set[int], eligible: np.ndarray | None = None) -> list[Recommendation]:
+        """The most popular titles (then, past the published popular list, the highest-norm vectors)."""
         out = []
-        for rank, item in enumerate(self.popular):
-            if int(item) in exclude:
+        for rank, item in enumerate(self.popular.tolist()):
+            if item in exclude or (eligible is not None and not eligible[item]):
                 continue
-            out.append(Recommendation(int(item), float(1.0 / (1 + rank)), []))
+            out.append(Recommendation(item, float(1.0 / (1 + rank)), []))
             if len(out) == k:
-                break
+                return out
+        if eligible is not None and len(out) < k and len(self.popular) < self.n_items:
+            taken = exclude | {r.item for r in out} | set(self.popular.tolist())
+            rest = np.flatnonzero(eligible)
+            rest = rest[~np.isin(rest, np.fromiter(taken, dtype=np.int64))] if taken else rest
+            norms = np.linalg.norm(self.vectors[rest], axis=1)
+            for item in rest[np.argsort(-norms, kind="stable")][: k - len(out)].tolist():
+                out.append(Recommendation(item, 1.0 / (1 + len(self.popular) + len(out)), []))
         return out
 
-    def similar(self, item: int, k: int) -> list[tuple[int, float]]:
-        found, dist = self.sim_index.get_nns_by_item(item, k + 1, include_distances=True)
-        # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
-        return [(i, 1.0 - d * d / 2.0) for i, d in zip(found, dist) if i != item][:k]
+    def similar(
+        self, item: int, k: int, eligible: np.ndarray | None = None, exclude: set[int] | None = None
+    ) -> list[tuple[int, float]]:
+        """Nearest titles by cosine, never ``item`` itself; only ``eligible`` ones not in ``exclude``."""
+        exclude = exclude or set()
+        n = k + 1 + len(exclude)
+        while True:
+            found, dist = self.sim_index.get_nns_by_item(item, n, include_distances=True)
+            # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
+            out = [
+                (i, 1.0 - d * d / 2.0)
+                for i, d in zip(found, dist)
+                if i != item and i not in exclude and (eligible is None or eligible[i])
+            ][:k]
+            if len(out) == k or len(found) < n:
+                return out
+            if n * 10 >= self.n_items // 4:
+                break
+            n *= 10
+        pool = np.flatnonzero(eligible) if eligible is not None else np.arange(self.n_items)  # exact
+        pool = pool[(pool != item) & ~np.isin(pool, np.fromiter(exclude, dtype=np.int64))] if len(pool) else pool
+        cosine = self._unit[pool] @ self._unit[item]
+        top = np.argsort(-cosine, kind="stable")[:k]
+        return list(zip(pool[top].tolist(), cosine[top].tolist()))
 
 
 def _annoy(path: Path, dim: int, metric: str) -> AnnoyIndex | None:

@@ -46,7 +46,9 @@ def test_request_ids_are_taken_or_made_and_on_every_line_of_the_request(redis_se
 
 
 def test_user_ids_in_logged_queries_are_hashed(monkeypatch):
-    assert loggable_query("user=alice&k=5") == f"user={hashed_user('alice').replace(':', '%3A')}&k=5"
+    assert loggable_query("user=alice&k=5") == f"user={hashed_user('alice')}&k=5"
+    assert loggable_query("k=5&user=al%20ice&user_id=bob") == f"k=5&user={hashed_user('al ice')}&user_id={hashed_user('bob')}"
+    assert loggable_query("k=5&nouser=x") == "k=5&nouser=x"
     assert hashed_user("alice") == hashed_user("alice") != hashed_user("bob")
     monkeypatch.setenv("LOG_USER_IDS", "1")
     assert loggable_query("user=alice&k=5") == "user=alice&k=5"
@@ -72,6 +74,6 @@ def test_gunicorn_writes_json_lines_with_status_latency_and_no_raw_user_ids(redi
     assert any("Booting worker" in line["message"] for line in error_lines)
     mine = [line for line in access_lines if line.get("request_id") == "trace-abc-123"]
     assert len(mine) == 1 and mine[0]["status"] == 200 and mine[0]["method"] == "GET"
-    assert mine[0]["path"].startswith("/recommend?user=h%3A") and 0 < mine[0]["latency_ms"] < 5000
+    assert mine[0]["path"].startswith("/recommend?user=h:") and 0 < mine[0]["latency_ms"] < 5000
     assert any(line["status"] == 404 and line["request_id"] for line in access_lines)
     assert user not in access.read_text() and user not in errors
