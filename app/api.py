@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 
+import orjson
 from flask import Blueprint, current_app, request
 
 from app.errors import ApiError, json_response
 from models.recommender import Recommender
+from models.rules import FilterError, Filters
 
 api = Blueprint("api", __name__)
 
@@ -56,36 +58,153 @@ def k_param() -> int:
     return k
 
 
-@api.get("/recommend")
-def recommend():
-    user = id_param("user")
-    k = k_param()
-    model = serving_model()
-    fresh_items, fresh_weights = live_model().fresh_history(model, user)
-    strategy, recs = model.recommend(user, k, fresh_items, fresh_weights)
+MAX_EXCLUDE_QUERY = 500  # exclude= ids in a query string; POST /recommend takes more
+MAX_EXCLUDE_BODY = 10_000
+FILTER_PARAMS = ("genre", "kind", "year_min", "year_max", "max_maturity", "region", "exclude")
+
+
+class Query:
+    """A request's parameters, from the query string (GET) or a JSON object (POST /recommend)."""
+
+    def __init__(self, values: dict[str, list]):
+        self.values = values
+
+    @classmethod
+    def from_args(cls) -> Query:
+        return cls({name: request.args.getlist(name) for name in request.args})
+
+    @classmethod
+    def from_json(cls) -> Query:
+        from app.events import read_body
+
+        if not request.is_json:
+            raise ApiError(415, "send the request as JSON with 'Content-Type: application/json'")
+        try:
+            body = orjson.loads(read_body(current_app.config["MAX_CONTENT_LENGTH"]))
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object, e.g. {\"user\": \"u1\", \"exclude\": [\"t1\"]}")
+        values = {}
+        for name, value in body.items():
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+                raise ApiError(400, f"'{name}' must be a string, a number or a list of them")
+            values[name] = [str(v) for v in items]
+        return cls(values)
+
+    def one(self, name: str) -> str | None:
+        values = self.values.get(name, [])
+        if len(values) > 1:
+            raise ApiError(400, f"parameter '{name}' given {len(values)} times; give it once")
+        return values[0].strip() if values else None
+
+    def many(self, name: str, limit: int) -> list[str]:
+        out = [part.strip() for value in self.values.get(name, []) for part in value.split(",") if part.strip()]
+        if len(out) > limit:
+            raise ApiError(400, f"parameter '{name}' has {len(out)} values; at most {limit} are accepted here")
+        for value in out:
+            if len(value) > MAX_ID_LENGTH or _CONTROL.search(value):
+                raise ApiError(400, f"a value of '{name}' is longer than {MAX_ID_LENGTH} characters or has control characters")
+        return out
+
+    def integer(self, name: str, low: int, high: int) -> int | None:
+        raw = self.one(name)
+        if raw is None or raw == "":
+            return None
+        if not re.fullmatch(r"[+-]?\d{1,6}", raw):
+            raise ApiError(400, f"parameter '{name}' must be an integer, not {raw[:20]!r}")
+        value = int(raw)
+        if not low <= value <= high:
+            raise ApiError(400, f"parameter '{name}' must be between {low} and {high}, not {value}")
+        return value
+
+    def id(self, name: str) -> str:
+        value = self.one(name) or ""
+        if not value:
+            raise ApiError(400, f"missing required parameter '{name}'")
+        if len(value) > MAX_ID_LENGTH:
+            raise ApiError(400, f"parameter '{name}' is longer than {MAX_ID_LENGTH} characters")
+        if _CONTROL.search(value):
+            raise ApiError(400, f"parameter '{name}' contains control characters")
+        return value
+
+    def k(self) -> int:
+        if self.one("k") == "":
+            raise ApiError(400, f"parameter 'k' must be an integer between 1 and {MAX_K}, not ''")
+        value = self.integer("k", 1, MAX_K)
+        return 10 if value is None else value
+
+    def filters(self, model: Recommender, max_exclude: int) -> tuple[Filters, set[int]]:
+        """The request's filters (checked against the catalogue: 400 naming valid values) and exclusions."""
+        kind = self.one("kind")
+        region = self.one("region")
+        filters = Filters(
+            genres=tuple(dict.fromkeys(self.many("genre", 50))),
+            kind=kind.lower() if kind else None,
+            year_min=self.integer("year_min", 0, 9999),
+            year_max=self.integer("year_max", 0, 9999),
+            max_maturity=self.integer("max_maturity", 0, 99),
+            region=region.upper() if region else None,
+        )
+        try:
+            model.rules.check(filters)
+        except FilterError as exc:
+            raise ApiError(400, str(exc)) from None
+        index = model.item_index
+        exclude = {index[i] for i in self.many("exclude", max_exclude) if i in index}  # unknown ids: nothing to hide
+        return filters, exclude
+
+
+def scored_items(model: Recommender, recs) -> list[dict]:
     ids, titles = model.item_ids, model.titles
-    items = [
+    return [
         {
             "item_id": ids[r.item],
             "title": titles[r.item],
             "score": round(r.score, 6),
-            "because": [ids[b] for b in r.because],
+            "because": [{"item_id": ids[b], "title": titles[b]} for b in r.because],
         }
         for r in recs
     ]
-    return json_response({"user": user, "model_version": model.version, "strategy": strategy, "items": items})
+
+
+def recommend_answer(query: Query, max_exclude: int):
+    user = query.id("user")
+    k = query.k()
+    model = serving_model()
+    filters, exclude = query.filters(model, max_exclude)
+    fresh_items, fresh_weights = live_model().fresh_history(model, user)
+    strategy, recs = model.recommend(user, k, fresh_items, fresh_weights, filters=filters, exclude=exclude)
+    return json_response(
+        {"user": user, "model_version": model.version, "strategy": strategy, "items": scored_items(model, recs)}
+    )
+
+
+@api.get("/recommend")
+def recommend():
+    return recommend_answer(Query.from_args(), MAX_EXCLUDE_QUERY)
+
+
+@api.post("/recommend")
+def recommend_post():
+    """The same as GET, with the parameters in a JSON object: for long ``exclude`` lists."""
+    return recommend_answer(Query.from_json(), MAX_EXCLUDE_BODY)
 
 
 @api.get("/similar")
 def similar():
-    item_id = id_param("item")
-    k = k_param()
+    query = Query.from_args()
+    item_id = query.id("item")
+    k = query.k()
     model = serving_model()
     row = model.item_index.get(item_id)
     if row is None:
         raise ApiError(404, f"unknown item {item_id!r}")
+    filters, exclude = query.filters(model, MAX_EXCLUDE_QUERY)
     ids, titles = model.item_ids, model.titles
-    items = [{"item_id": ids[i], "title": titles[i], "score": round(s, 6)} for i, s in model.similar(row, k)]
+    found = model.similar(row, k, model.rules.eligible(filters), exclude)
+    items = [{"item_id": ids[i], "title": titles[i], "score": round(s, 6)} for i, s in found]
     return json_response({"item": item_id, "title": titles[row], "model_version": model.version, "items": items})
 
 

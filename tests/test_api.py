@@ -65,7 +65,7 @@ def test_recommend_known_user(client, published):
     for item in body["items"]:
         assert set(item) == {"item_id", "title", "score", "because"}
         assert item["title"] == model.titles[model.item_index[item["item_id"]]]
-        assert item["because"] and set(item["because"]) <= history
+        assert item["because"] and {b["item_id"] for b in item["because"]} <= history
     scores = [item["score"] for item in body["items"]]
     assert scores == sorted(scores, reverse=True)
 
@@ -148,8 +148,10 @@ def test_health_ready_version(client, published, trained_demo):
 def test_unknown_route_and_method_are_json(client):
     response = client.get("/nope")
     assert response.status_code == 404 and "error" in response.get_json()
-    response = client.post("/recommend?user=u1")
+    response = client.delete("/recommend?user=u1")
     assert response.status_code == 405 and "error" in response.get_json()
+    response = client.post("/recommend?user=u1")  # POST takes a JSON body
+    assert response.status_code == 415 and "error" in response.get_json()
 
 
 def test_switches_to_a_newly_published_version(client, store, trained_demo):
