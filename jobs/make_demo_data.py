@@ -13,7 +13,10 @@ events   ``user_id`` ("u000123"), ``item_id`` ("t00042"), ``timestamp`` (unix
          viewing (one episode of a show or one film), sorted by timestamp.
 catalog  ``item_id``, ``title``, ``kind`` ("show"/"film"), ``genres``
          (pipe-separated), ``year``, ``episode_minutes``, ``seasons``,
-         ``episodes``; about 2% of the optional values are blank on purpose.
+         ``episodes``; about 2% of the optional values are blank on purpose;
+         and the catalogue rules ``maturity``, ``regions``,
+         ``available_from``/``available_until``, ``added_at`` (see
+         :func:`_catalog_rules`).
 
 The data has structure a recommender can learn: titles have 1-3 of 18 genres
 and a Zipf-like popularity; each user has 1-3 favourite genres and a
@@ -289,8 +292,62 @@ def _catalog_frame(catalog: _Catalog, rng: np.random.Generator) -> pd.DataFrame:
             "episode_minutes": _blank(rng, catalog.episode_seconds // 60),
             "seasons": _blank(rng, catalog.seasons),
             "episodes": _blank(rng, catalog.episodes),
+            **_catalog_rules(catalog, np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])),
         }
     )
+
+
+REGIONAL_SHARE, EXPIRING_SHARE, UPCOMING_SHARE = 0.15, 0.06, 0.03
+KIDS_GENRES = ("Animation", "Family")
+MATURE_GENRES = ("Horror", "Crime", "Thriller", "War")
+REGION_GROUPS = (("GB", "IE"), ("US", "CA"), ("DE", "AT", "CH"), ("FR", "BE"), ("ES", "PT"), ("NL", "BE"), ("SE", "NO", "DK"))
+
+
+def _iso_date(seconds: np.ndarray) -> np.ndarray:
+    return np.datetime_as_string(seconds.astype("datetime64[s]"), unit="D").astype(object)
+
+
+def _catalog_rules(catalog: _Catalog, rng: np.random.Generator) -> dict:
+    """The catalogue rules (``maturity``, ``regions``, availability, ``added_at``), from their own random stream.
+
+    Most titles are licensed everywhere, some only in a group of countries;
+    a few leave the catalogue within the next months (some already gone by
+    the reference date), a few are announced but not yet released; kids'
+    titles (Animation/Family) are rated 0 or 7 and make about a fifth of the
+    catalogue; Horror/Crime/Thriller/War lean 16-18. New titles arrive every
+    week: ``added_at`` spreads over two years before the reference date, with
+    a weekly batch in the last months.
+    """
+    n = len(catalog.title)
+    names = np.array(("",) + GENRES, dtype=object)
+    genre_names = [set(names[catalog.genres[i] + 1]) - {""} for i in range(n)]
+    kids = np.array([bool(g & set(KIDS_GENRES)) for g in genre_names])
+    mature = np.array([bool(g & set(MATURE_GENRES)) for g in genre_names])
+    ages = rng.choice(np.array([0, 7, 13, 16, 18]), size=n, p=[0.05, 0.15, 0.35, 0.3, 0.15])
+    ages = np.where(kids, rng.choice(np.array([0, 7]), size=n), ages)
+    ages = np.where(mature & ~kids, rng.choice(np.array([16, 18]), size=n, p=[0.4, 0.6]), ages)
+    labels = {0: "TV-G", 7: "PG", 13: "PG-13", 16: "TV-14", 18: "TV-MA"}
+    maturity = np.array([labels[a] if rng.random() < 0.3 else str(a) for a in ages.tolist()], dtype=object)
+    maturity[rng.random(n) < BLANK_SHARE] = None  # unrated
+    regional = rng.random(n) < REGIONAL_SHARE
+    groups = rng.integers(len(REGION_GROUPS), size=n)
+    regions = np.array([("|".join(REGION_GROUPS[g]) if r else None) for g, r in zip(groups.tolist(), regional.tolist())], dtype=object)
+    # Arrival: most titles long ago, a weekly batch (Mondays) over the last 26 weeks.
+    weeks_ago = np.where(rng.random(n) < 0.25, rng.integers(0, 26, size=n), rng.integers(26, 104, size=n))
+    monday = REFERENCE_TS - ((REFERENCE_TS // DAY + 3) % 7) * DAY  # 1970-01-01 was a Thursday
+    added = monday - weeks_ago * 7 * DAY
+    upcoming = rng.random(n) < UPCOMING_SHARE
+    expiring = ~upcoming & (rng.random(n) < EXPIRING_SHARE)
+    opens = np.where(upcoming, REFERENCE_TS + rng.integers(7, 200, size=n) * DAY, 0)
+    closes = np.where(expiring, REFERENCE_TS + rng.integers(-30, 240, size=n) * DAY, 0)
+    added = np.where(upcoming, opens, added)
+    return {
+        "maturity": pd.array(maturity, dtype="string"),
+        "regions": pd.array(regions, dtype="string"),
+        "available_from": pd.array(np.where(upcoming, _iso_date(opens), None), dtype="string"),
+        "available_until": pd.array(np.where(expiring, _iso_date(closes), None), dtype="string"),
+        "added_at": pd.array(_iso_date(added), dtype="string"),
+    }
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from jobs.make_demo_data import generate, main, write_demo_data
 
 USERS, ITEMS, EVENTS, SEED = 400, 600, 30_000, 7
 OPTIONAL = ["genres", "year", "episode_minutes", "seasons", "episodes"]
+RULES = ["maturity", "regions", "available_from", "available_until", "added_at"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_exact_row_counts_and_columns(data):
     assert len(events) == EVENTS
     assert len(catalog) == ITEMS
     assert list(events.columns) == ["user_id", "item_id", "timestamp", "watch_seconds"]
-    assert list(catalog.columns) == ["item_id", "title", "kind", *OPTIONAL]
+    assert list(catalog.columns) == ["item_id", "title", "kind", *OPTIONAL, *RULES]
 
 
 def test_ids_are_complete_and_consistent(data):
@@ -323,3 +324,22 @@ def test_out_of_taste_titles_are_abandoned_more(views):
     rate_in = abandoned[known & in_taste].mean()
     rate_out = abandoned[known & ~in_taste].mean()
     assert rate_out > 1.5 * rate_in, (rate_in, rate_out)
+
+
+def test_catalogue_rules_look_like_a_real_catalogue(data):
+    """Most titles everywhere, some regional; some expiring or upcoming; a kids' share; weekly arrivals."""
+    from models.data import maturity_age
+
+    _, catalog = data
+    assert 0.05 < catalog["regions"].notna().mean() < 0.3
+    assert 0 < catalog["available_from"].notna().mean() < 0.1
+    assert 0 < catalog["available_until"].notna().mean() < 0.15
+    ages = catalog["maturity"].dropna().map(maturity_age)
+    assert ages.notna().all() and 0.1 < (ages <= 7).mean() < 0.5
+    kids = catalog["genres"].fillna("").str.contains("Animation|Family")
+    assert (catalog.loc[kids, "maturity"].dropna().map(maturity_age) <= 7).all()
+    added = pd.to_datetime(catalog["added_at"])
+    released = catalog["available_from"].isna()  # upcoming titles arrive on their release day
+    assert added.notna().all() and added[released].dt.day_of_week.eq(0).all()  # batches arrive on Mondays
+    recent_weeks = added[added > added.max() - pd.Timedelta(days=180)].dt.isocalendar().week.nunique()
+    assert recent_weeks >= 20
