@@ -9,6 +9,7 @@ Configuration comes from the environment (defaults work on a laptop):
 ``EVENTS_TOKEN``         bearer token(s), comma-separated, that POST /events requires (unset: open)
 ``MAX_BODY_BYTES``       largest request body accepted (1 MiB); longer ones are 413, nothing stored
 ``TRUSTED_PROXY_HOPS``   proxies in front that set X-Forwarded-For (0); the client address comes from it
+``PAGE_CONFIG``          JSON or YAML file with the rows of GET /page (default: app.pages.DEFAULT_PAGE)
 ``LOG_USER_IDS``         1: keep user ids in logged query strings (default: replaced by a keyed hash)
 ``ADMIN_TOKEN``          secret that signs operators in to /admin (unset: the dashboard is off)
 ``SECRET_KEY``           signs session cookies (default: derived from ADMIN_TOKEN, see app.admin)
@@ -66,6 +67,9 @@ def create_app(config: dict | None = None) -> Flask:
     from app.openapi import openapi_api
 
     init_events(app)
+    from app.pages import init_pages
+
+    init_pages(app)  # GET /page (PAGE_CONFIG)
     app.register_blueprint(api)
     app.register_blueprint(events_api)
     app.register_blueprint(openapi_api)

@@ -312,7 +312,7 @@ def _catalog_rules(catalog: _Catalog, rng: np.random.Generator) -> dict:
 
     Most titles are licensed everywhere, some only in a group of countries;
     a few leave the catalogue within the next months (some already gone by
-    the reference date), a few are announced but not yet released; kids'
+    the reference date), a few are listed (added) but not yet released; kids'
     titles (Animation/Family) are rated 0 or 7 and make about a fifth of the
     catalogue; Horror/Crime/Thriller/War lean 16-18. New titles arrive every
     week: ``added_at`` spreads over two years before the reference date, with
@@ -340,7 +340,6 @@ def _catalog_rules(catalog: _Catalog, rng: np.random.Generator) -> dict:
     expiring = ~upcoming & (rng.random(n) < EXPIRING_SHARE)
     opens = np.where(upcoming, REFERENCE_TS + rng.integers(7, 200, size=n) * DAY, 0)
     closes = np.where(expiring, REFERENCE_TS + rng.integers(-30, 240, size=n) * DAY, 0)
-    added = np.where(upcoming, opens, added)
     return {
         "maturity": pd.array(maturity, dtype="string"),
         "regions": pd.array(regions, dtype="string"),

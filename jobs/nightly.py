@@ -35,6 +35,7 @@ from models.live_events import compact, take_for_job
 from models.offline import cold_start_evaluation, select_params, served_top_k
 from models.progress import report
 from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
+from models.trending import trending_record
 
 log = logging.getLogger("jobs.nightly")
 
@@ -219,6 +220,9 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         meta["model_version"] = version
         if config.activate:
             compact_live_events(store, config)
+    if config.publish:
+        # The trending row of /page, from the events this run read (refreshed hourly by jobs.trending).
+        store.redis.set(store.keys.trending, trending_record(list(catalog.item_ids), events.item, events.timestamp))
     return NightlyResult(version=version, meta=meta, timings=timings, parts=parts)
 
 

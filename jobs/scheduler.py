@@ -80,6 +80,7 @@ class Scheduler:
         poll_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
         run_child: Callable[[list[str]], int] | None = None,
+        trending_seconds: float | None = None,
     ):
         self.store = store
         self.schedule = schedule
@@ -92,6 +93,9 @@ class Scheduler:
         self.current: str | None = None  # what is running now, for the heartbeat
         self.stopping = threading.Event()
         self._child: subprocess.Popen | None = None
+        # The trending row of /page: refreshed between runs (python -m jobs.trending), None = off.
+        self.trending_seconds = trending_seconds
+        self.next_trending_at = clock() if trending_seconds else float("inf")
 
     def job_command(self, trigger: str, run_id: str | None = None, force: bool = False) -> list[str]:
         command = [sys.executable, "-m", "jobs.nightly", "--trigger", trigger, "--quiet"]
@@ -101,10 +105,27 @@ class Scheduler:
             command.append("--force")
         return command + self.job_args
 
+    def trending_args(self) -> list[str]:
+        """The job's input flags (--events, --catalog, --events-archive, --prefix) that jobs.trending knows too."""
+        wanted = ("--events", "--catalog", "--events-archive", "--prefix")
+        out, args = [], list(self.job_args)
+        for n, arg in enumerate(args):
+            name = arg.split("=", 1)[0]
+            if name in wanted:
+                out.append(arg)
+                if "=" not in arg and n + 1 < len(args):
+                    out.append(args[n + 1])
+        return out
+
     # -- one turn of the loop -------------------------------------------------------------------
     def step(self) -> str | None:
         """Start whatever is due; wait at most ``poll_seconds`` for a queued request. Returns what ran."""
         now = self.clock()
+        if now >= self.next_trending_at:
+            self.next_trending_at = now + self.trending_seconds
+            code = self.run_child([sys.executable, "-m", "jobs.trending", *self.trending_args()])
+            log.info("trending refresh exit %s; next in %.0f s", code, self.trending_seconds)
+            return "trending"
         if now >= self.next_run_at:
             # Fire once for any missed slots (e.g. a long manual run overlapped one); the next slot is
             # counted from the end of this run, so queued runs get their turn before the schedule's next.
@@ -257,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.redis_url:
         os.environ["REDIS_URL"] = args.redis_url  # the runs inherit it (a URL may hold a password: not in argv)
     store = ModelStore(redis_from_url(args.redis_url), args.prefix)
-    scheduler = Scheduler(store, args.schedule, job_args, args.poll_seconds)
+    trending = float(os.environ.get("TRENDING_SECONDS", "3600")) or None  # 0 turns the hourly refresh off
+    scheduler = Scheduler(store, args.schedule, job_args, args.poll_seconds, trending_seconds=trending)
     signal.signal(signal.SIGTERM, scheduler.stop)
     signal.signal(signal.SIGINT, scheduler.stop)
     scheduler.run_forever()

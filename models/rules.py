@@ -141,17 +141,17 @@ class CatalogRules:
         return mask
 
     def new_titles(self, days: float, now: float | None = None) -> np.ndarray:
-        """Titles added in the ``days`` before now, or before the newest arrival if the catalogue is older.
+        """Titles added in the ``days`` up to the newest arrival (now, on a catalogue fed every day).
 
         A catalogue whose newest title is weeks old (a stalled feed, the demo
         data) still has a "new" row: its latest arrivals.
         """
         now = time.time() if now is None else now
-        known = np.isfinite(self.added_at)
-        if not known.any():
+        arrived = np.isfinite(self.added_at) & (self.added_at <= now)
+        if not arrived.any():
             return np.zeros(self.n, dtype=bool)
-        until = min(now, float(np.nanmax(self.added_at)))
-        return known & (self.added_at > until - days * 86400) & (self.added_at <= now)
+        until = float(self.added_at[arrived].max())
+        return arrived & (self.added_at > until - days * 86400)
 
 
 def _floats(values, n: int) -> np.ndarray:

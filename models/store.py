@@ -18,6 +18,7 @@ Batch runs (written by :mod:`jobs.runs`, read by the dashboard)::
     {prefix}:runs:stats                 -> hash: outcome and duration counters (/metrics)
     {prefix}:lock:nightly               -> the id of the run holding the job lock (expires)
     {prefix}:scheduler                  -> JSON heartbeat of the scheduler process (expires)
+    {prefix}:trending                   -> JSON: trending titles (models.trending), refreshed hourly
     {prefix}:admin:session:{sha256}     -> a signed-in dashboard session (expires with it)
     {prefix}:admin:signin:{who}:{minute} -> failed sign-ins in that minute, per address hash or "all"
 
@@ -184,6 +185,11 @@ class Keys:
     @property
     def scheduler(self) -> str:
         return f"{self.prefix}:scheduler"
+
+    @property
+    def trending(self) -> str:
+        """JSON: the trending titles (models.trending), refreshed hourly and by each nightly run."""
+        return f"{self.prefix}:trending"
 
     # The dashboard's server-side sessions and sign-in limits (app.admin.auth); names are hashes.
     def admin_session(self, digest: str) -> str:

@@ -1,0 +1,263 @@
+"""``GET /page?user=ID``: a whole home page of rows in one call, under the same filters as /recommend.
+
+Rows come in the order of the page config (``PAGE_CONFIG``, a JSON or YAML
+file; :data:`DEFAULT_PAGE` otherwise), each ``{"id", "kind", "title", "items"}``.
+No title appears twice on a page (nor one in ``exclude``, nor one the user
+has watched), and a row that cannot fill ``min_items`` is dropped. Kinds:
+
+``top_picks``            the user's recommendations
+``because_you_watched``  one row per recent distinct title of the user ("Because you watched X"): its nearest titles
+``trending``             titles whose recent viewing rate rises (models.trending; refreshed hourly)
+``new_for_you``          titles added in the last ``days`` (default 30), ranked for the user
+``genre``                one row per top genre of the user (of the catalogue's most watched, for a new user)
+``popular``              the most popular titles
+
+Each row takes ``size`` (default 10); ``because_you_watched`` and ``genre``
+take ``count`` (how many such rows, default 2). Unknown and new users get a
+page too: trending, new, genre and popular rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import redis
+from flask import Blueprint, Flask, current_app
+
+from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_model
+from app.errors import json_response
+from models.recommender import Recommendation, Recommender, merge_history
+from models.rules import Filters
+
+log = logging.getLogger(__name__)
+pages_api = Blueprint("pages", __name__)
+
+ROW_KINDS = ("top_picks", "because_you_watched", "trending", "new_for_you", "genre", "popular")
+DEFAULT_PAGE = {
+    "min_items": 5,
+    "rows": [
+        {"kind": "top_picks", "size": 10},
+        {"kind": "because_you_watched", "count": 2, "size": 10},
+        {"kind": "trending", "size": 10},
+        {"kind": "new_for_you", "size": 10, "days": 30},
+        {"kind": "genre", "count": 2, "size": 10},
+        {"kind": "popular", "size": 10},
+    ],
+}
+TRENDING_CACHE_SECONDS = 60.0
+
+
+class PageConfigError(ValueError):
+    pass
+
+
+def load_page_config(path: str | None) -> dict:
+    """The page config from ``path`` (JSON, or YAML by extension), checked; the default without one."""
+    if not path:
+        return DEFAULT_PAGE
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        config = yaml.safe_load(text)
+    else:
+        config = orjson.loads(text)
+    return check_page_config(config, path)
+
+
+def check_page_config(config, where: str = "page config") -> dict:
+    if not isinstance(config, dict) or not isinstance(config.get("rows"), list) or not config["rows"]:
+        raise PageConfigError(f"{where}: expected an object with a non-empty list 'rows'")
+    min_items = config.get("min_items", 5)
+    if not isinstance(min_items, int) or not 1 <= min_items <= 100:
+        raise PageConfigError(f"{where}: 'min_items' must be an integer from 1 to 100")
+    for n, row in enumerate(config["rows"]):
+        if not isinstance(row, dict) or row.get("kind") not in ROW_KINDS:
+            raise PageConfigError(f"{where}: row {n}: 'kind' must be one of {', '.join(ROW_KINDS)}")
+        for name, high in (("size", 100), ("count", 10), ("days", 3650)):
+            value = row.get(name)
+            if value is not None and (not isinstance(value, int) or not 1 <= value <= high):
+                raise PageConfigError(f"{where}: row {n} ({row['kind']}): '{name}' must be an integer from 1 to {high}")
+    return {"min_items": min_items, "rows": config["rows"]}
+
+
+class TrendingCache:
+    """The trending record from Redis, read at most every ``TRENDING_CACHE_SECONDS`` (kept if Redis fails)."""
+
+    def __init__(self, client: redis.Redis, key: str):
+        self.client, self.key = client, key
+        self.items: list[str] = []
+        self._read_at = -1e9
+        self._lock = threading.Lock()
+
+    def ids(self) -> list[str]:
+        now = time.monotonic()
+        if now - self._read_at < TRENDING_CACHE_SECONDS:
+            return self.items
+        with self._lock:
+            if now - self._read_at >= TRENDING_CACHE_SECONDS:
+                self._read_at = now
+                try:
+                    raw = self.client.get(self.key)
+                    self.items = [row[0] for row in orjson.loads(raw)["items"]] if raw else []
+                except (redis.RedisError, orjson.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
+                    log.warning("trending titles unavailable, keeping the last ones: %r", exc)
+        return self.items
+
+
+def init_pages(app: Flask) -> None:
+    app.config["PAGE"] = check_page_config(app.config["PAGE"]) if "PAGE" in app.config else load_page_config(
+        os.environ.get("PAGE_CONFIG")
+    )
+    store = app.extensions["live_model"].store
+    app.extensions["trending"] = TrendingCache(live_model_events_client(app), store.keys.trending)
+    app.register_blueprint(pages_api)
+
+
+def live_model_events_client(app: Flask) -> redis.Redis:
+    events = app.extensions["live_model"].events  # the short-timeout client of the request path
+    return events.redis if events is not None else app.extensions["live_model"].store.redis
+
+
+class PageBuilder:
+    """Fills the rows of one page, keeping every title it placed out of the rows after it."""
+
+    def __init__(self, model: Recommender, user: str, filters: Filters, exclude: set[int], fresh):
+        self.model, self.user, self.filters = model, user, filters
+        self.fresh_items, self.fresh_weights = fresh
+        items, weights = model.history(user)
+        if self.fresh_items is not None and len(self.fresh_items):
+            items, weights = merge_history(self.fresh_items, self.fresh_weights, items, weights)
+        self.history, self.weights = items, weights
+        self.seen = set(int(i) for i in items)
+        self.used = set(exclude)
+        self.eligible = model.rules.eligible(filters)
+
+    @property
+    def known(self) -> bool:
+        return len(self.history) > 0
+
+    def taken(self) -> set[int]:
+        return self.used | self.seen
+
+    def row(self, row_id: str, kind: str, title: str, recs: list[Recommendation], min_items: int) -> dict | None:
+        recs = [r for r in recs if r.item not in self.used]
+        if len(recs) < min_items:
+            return None
+        self.used.update(r.item for r in recs)
+        ids, titles = self.model.item_ids, self.model.titles
+        items = []
+        for r in recs:
+            item = {"item_id": ids[r.item], "title": titles[r.item], "score": round(r.score, 6)}
+            if r.because:
+                item["because"] = [{"item_id": ids[b], "title": titles[b]} for b in r.because]
+            items.append(item)
+        return {"id": row_id, "kind": kind, "title": title, "items": items}
+
+    def top_picks(self, size: int) -> list[Recommendation]:
+        if not self.known:
+            return []
+        strategy, recs = self.model.recommend(
+            self.user, size, self.fresh_items, self.fresh_weights, filters=self.filters, exclude=self.used
+        )
+        return recs if strategy == "personalized" else []
+
+    def seeds(self, count: int) -> list[int]:
+        out = []
+        for item in self.history.tolist():  # newest first
+            if item not in out:
+                out.append(int(item))
+            if len(out) == count:
+                break
+        return out
+
+    def more_like(self, seed: int, size: int) -> list[Recommendation]:
+        found = self.model.similar(seed, size, self.eligible, self.taken())
+        return [Recommendation(i, s, [seed]) for i, s in found]
+
+    def trending(self, ids: list[str], size: int) -> list[Recommendation]:
+        index, taken, out = self.model.item_index, self.taken(), []
+        for rank, item_id in enumerate(ids):
+            row = index.get(item_id)
+            if row is not None and self.eligible[row] and row not in taken:
+                out.append(Recommendation(row, 1.0 / (1 + rank), []))
+                if len(out) == size:
+                    break
+        return out
+
+    def within(self, mask: np.ndarray, size: int) -> list[Recommendation]:
+        """The best titles inside ``mask`` for this user (popularity order for a user without history)."""
+        eligible = self.eligible & mask
+        if not eligible.any():
+            return []
+        if self.known:
+            picked = self.model.ranked(self.history, self.weights, size, eligible, self.taken())
+            return [Recommendation(i, s, []) for i, s in picked]
+        return self.model.popular_items(size, self.taken(), eligible)
+
+    def top_genres(self, count: int) -> list[str]:
+        genres = self.model.items.get("genres") or []
+        weight: dict[str, float] = {}
+        if self.known:
+            for item, w in zip(self.history.tolist(), self.weights.tolist()):
+                for g in genres[item]:
+                    weight[g] = weight.get(g, 0.0) + float(w)
+        else:  # a new user: the genres of the most popular titles
+            for rank, item in enumerate(self.model.popular[:200].tolist()):
+                for g in genres[item]:
+                    weight[g] = weight.get(g, 0.0) + 1.0 / (1 + rank) ** 0.5
+        allowed = set(self.filters.genres)
+        ranked = sorted(weight, key=lambda g: (-weight[g], g))
+        return [g for g in ranked if not allowed or g in allowed][:count]
+
+
+def build_page(model: Recommender, user: str, filters: Filters, exclude: set[int], fresh, config: dict, trending: list[str]) -> list[dict]:
+    page = PageBuilder(model, user, filters, exclude, fresh)
+    min_items, rows = config["min_items"], []
+    titles = model.titles
+    rules = model.rules
+
+    def add(row):
+        if row is not None:
+            rows.append(row)
+
+    for spec in config["rows"]:
+        kind, size = spec["kind"], spec.get("size", 10)
+        if kind == "top_picks":
+            add(page.row("top_picks", kind, "Top picks for you", page.top_picks(size), min_items))
+        elif kind == "because_you_watched":
+            for seed in page.seeds(spec.get("count", 2)):
+                add(page.row(f"because_you_watched:{model.item_ids[seed]}", kind, f"Because you watched {titles[seed]}",
+                             page.more_like(seed, size), min_items))
+        elif kind == "trending":
+            add(page.row("trending", kind, "Trending now", page.trending(trending, size), min_items))
+        elif kind == "new_for_you":
+            new = rules.new_titles(spec.get("days", 30))
+            add(page.row("new_for_you", kind, "New for you" if page.known else "New arrivals", page.within(new, size), min_items))
+        elif kind == "genre":
+            for genre in page.top_genres(spec.get("count", 2)):
+                mask = rules.genre_masks.get(genre)
+                if mask is not None:
+                    add(page.row(f"genre:{genre}", kind, genre, page.within(mask, size), min_items))
+        elif kind == "popular":
+            add(page.row("popular", kind, "Popular", model.popular_items(size, page.taken(), page.eligible), min_items))
+    return rows
+
+
+@pages_api.get("/page")
+def home_page():
+    query = Query.from_args()
+    user = query.id("user")
+    model = serving_model()
+    filters, exclude = query.filters(model, MAX_EXCLUDE_QUERY)
+    fresh = live_model().fresh_history(model, user)
+    rows = build_page(
+        model, user, filters, exclude, fresh, current_app.config["PAGE"], current_app.extensions["trending"].ids()
+    )
+    return json_response({"user": user, "model_version": model.version, "rows": rows})
