@@ -38,6 +38,7 @@ format: venv
 bench: venv
 	$(PY) bench/serve.py
 	$(PY) bench/train_scale.py
+	$(PY) bench/events.py
 
 bench-quality: venv
 	$(PY) bench/quality.py

@@ -60,7 +60,10 @@ def k_param() -> int:
 
 MAX_EXCLUDE_QUERY = 500  # exclude= ids in a query string; POST /recommend takes more
 MAX_EXCLUDE_BODY = 10_000
-FILTER_PARAMS = ("genre", "kind", "year_min", "year_max", "max_maturity", "region", "exclude")
+_BODY_TYPES = {
+    "user": str, "k": int, "genre": list, "kind": str, "year_min": int, "year_max": int,
+    "max_maturity": int, "region": str, "exclude": list,
+}  # fmt: skip
 
 
 class Query:
@@ -87,10 +90,21 @@ class Query:
             raise ApiError(400, "the body must be a JSON object, e.g. {\"user\": \"u1\", \"exclude\": [\"t1\"]}")
         values = {}
         for name, value in body.items():
-            items = value if isinstance(value, list) else [value]
-            if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
-                raise ApiError(400, f"'{name}' must be a string, a number or a list of them")
-            values[name] = [str(v) for v in items]
+            kind = _BODY_TYPES.get(name)
+            if kind is None:
+                continue  # extra fields are ignored, as in events
+            if kind is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ApiError(400, f"'{name}' must be an integer")
+                values[name] = [str(value)]
+            elif kind is list:
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ApiError(400, f"'{name}' must be a list of strings")
+                values[name] = value
+            else:
+                if not isinstance(value, str):
+                    raise ApiError(400, f"'{name}' must be a string")
+                values[name] = [value]
         return cls(values)
 
     def one(self, name: str) -> str | None:
@@ -100,9 +114,10 @@ class Query:
         return values[0].strip() if values else None
 
     def many(self, name: str, limit: int) -> list[str]:
-        out = [part.strip() for value in self.values.get(name, []) for part in value.split(",") if part.strip()]
-        if len(out) > limit:
-            raise ApiError(400, f"parameter '{name}' has {len(out)} values; at most {limit} are accepted here")
+        parts = [part.strip() for value in self.values.get(name, []) for part in value.split(",")]
+        if len(parts) > limit:
+            raise ApiError(400, f"parameter '{name}' has {len(parts)} values; at most {limit} are accepted here")
+        out = [part for part in parts if part]
         for value in out:
             if len(value) > MAX_ID_LENGTH or _CONTROL.search(value):
                 raise ApiError(400, f"a value of '{name}' is longer than {MAX_ID_LENGTH} characters or has control characters")
@@ -110,7 +125,7 @@ class Query:
 
     def integer(self, name: str, low: int, high: int) -> int | None:
         raw = self.one(name)
-        if raw is None or raw == "":
+        if raw is None:
             return None
         if not re.fullmatch(r"[+-]?\d{1,6}", raw):
             raise ApiError(400, f"parameter '{name}' must be an integer, not {raw[:20]!r}")
@@ -139,9 +154,12 @@ class Query:
         """The request's filters (checked against the catalogue: 400 naming valid values) and exclusions."""
         kind = self.one("kind")
         region = self.one("region")
+        for name, value in (("kind", kind), ("region", region)):
+            if value == "":
+                raise ApiError(400, f"parameter '{name}' is empty; leave it out for no filter")
         filters = Filters(
             genres=tuple(dict.fromkeys(self.many("genre", 50))),
-            kind=kind.lower() if kind else None,
+            kind=kind or None,
             year_min=self.integer("year_min", 0, 9999),
             year_max=self.integer("year_max", 0, 9999),
             max_maturity=self.integer("max_maturity", 0, 99),

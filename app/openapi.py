@@ -44,6 +44,41 @@ K_PARAM = {
     "description": "how many titles to return",
     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
 }
+def _query(name: str, description: str, schema: dict, explode: bool = False) -> dict:
+    param = {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+    if explode:
+        param.update(style="form", explode=True)
+    return param
+
+
+_LIST = {"type": "array", "items": {"type": "string", "pattern": r"^[^,\x00-\x1f\x7f]{0,128}$"}}
+FILTER_PARAMS = [
+    _query("genre", "any of these genres (repeat, or comma-separate); unknown -> 400 naming the valid ones", _LIST, True),
+    _query("kind", "show or film", {"type": "string", "enum": ["show", "film"]}),
+    _query("year_min", "released in or after (titles without a year are left out)", {"type": "integer", "minimum": 0, "maximum": 9999}),
+    _query("year_max", "released in or before", {"type": "integer", "minimum": 0, "maximum": 9999}),
+    _query("max_maturity", "highest minimum viewer age allowed (unrated titles are left out)", {"type": "integer", "minimum": 0, "maximum": 99}),
+    _query("region", "ISO 3166-1 alpha-2 code of the viewer's country", {"type": "string", "pattern": "^[A-Za-z]{2}$"}),
+    _query(
+        "exclude", "title ids already on the page (repeat, or comma-separate; at most 500; POST /recommend for more)",
+        {**_LIST, "maxItems": 500}, True,
+    ),
+]
+FILTER_BODY = {
+    "type": "object",
+    "required": ["user"],
+    "properties": {
+        "user": ID_SCHEMA,
+        "k": {"type": "integer", "minimum": 1, "maximum": 100},
+        "genre": {"type": "array", "maxItems": 50, "items": {"type": "string", "pattern": r"^[^,\x00-\x1f\x7f]{0,128}$"}},
+        "kind": {"type": "string", "enum": ["show", "film"]},
+        "year_min": {"type": "integer", "minimum": 0, "maximum": 9999},
+        "year_max": {"type": "integer", "minimum": 0, "maximum": 9999},
+        "max_maturity": {"type": "integer", "minimum": 0, "maximum": 99},
+        "region": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
+        "exclude": {"type": "array", "maxItems": 10000, "items": {"type": "string", "pattern": r"^[^,\x00-\x1f\x7f]{0,128}$"}},
+    },
+}
 NO_MODEL = _error("no model is published yet")
 BAD_PARAMS = _error("a parameter is missing, repeated, too long, has control characters or is out of range")
 
@@ -104,9 +139,23 @@ SCHEMAS = {
             "score": {"type": "number"},
             "because": {
                 "type": "array",
-                "items": {"type": "string"},
+                "items": {
+                    "type": "object",
+                    "required": ["item_id", "title"],
+                    "properties": {"item_id": {"type": "string"}, "title": {"type": "string"}},
+                },
                 "description": "titles in the history that led here",
             },
+        },
+    },
+    "Recommendations": {
+        "type": "object",
+        "required": ["user", "model_version", "strategy", "items"],
+        "properties": {
+            "user": {"type": "string"},
+            "model_version": {"type": "string"},
+            "strategy": {"type": "string", "enum": ["personalized", "popular"]},
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/ScoredTitle"}},
         },
     },
 }
@@ -114,19 +163,52 @@ SCHEMAS = {
 PATHS = {
     "/recommend": {
         "get": {
-            "summary": "Top titles for a user (personalized, or popular for users the model does not know)",
-            "parameters": [_id_param("user", "user id"), K_PARAM],
+            "summary": "Top titles for a user (personalized, or popular for users the model does not know), under filters",
+            "description": (
+                "Never a watched title, never one outside its availability window; k titles whenever k eligible "
+                "unseen titles exist."
+            ),
+            "parameters": [_id_param("user", "user id"), K_PARAM, *FILTER_PARAMS],
+            "responses": {"200": _json("recommendations", {"$ref": "#/components/schemas/Recommendations"}), "400": BAD_PARAMS, "503": NO_MODEL},
+        },
+        "post": {
+            "summary": "The same as GET, with the parameters in a JSON object (for long exclude lists)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": FILTER_BODY}}},
+            "responses": {
+                "200": _json("recommendations", {"$ref": "#/components/schemas/Recommendations"}),
+                "400": BAD_PARAMS,
+                "413": _error("the body is larger than MAX_BODY_BYTES"),
+                "415": _error("the body is not JSON"),
+                "503": NO_MODEL,
+            },
+        },
+    },
+    "/page": {
+        "get": {
+            "summary": "A whole home page of rows for a user (PAGE_CONFIG), under the same filters; no title twice",
+            "parameters": [_id_param("user", "user id"), *FILTER_PARAMS],
             "responses": {
                 "200": _json(
-                    "recommendations",
+                    "rows in order",
                     {
                         "type": "object",
-                        "required": ["user", "model_version", "strategy", "items"],
+                        "required": ["user", "model_version", "rows"],
                         "properties": {
                             "user": {"type": "string"},
                             "model_version": {"type": "string"},
-                            "strategy": {"type": "string", "enum": ["personalized", "popular"]},
-                            "items": {"type": "array", "items": {"$ref": "#/components/schemas/ScoredTitle"}},
+                            "rows": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["id", "kind", "title", "items"],
+                                    "properties": {
+                                        "id": {"type": "string"},
+                                        "kind": {"type": "string", "enum": ["top_picks", "because_you_watched", "trending", "new_for_you", "genre", "popular"]},
+                                        "title": {"type": "string"},
+                                        "items": {"type": "array", "items": {"$ref": "#/components/schemas/ScoredTitle"}},
+                                    },
+                                },
+                            },
                         },
                     },
                 ),
@@ -138,7 +220,7 @@ PATHS = {
     "/similar": {
         "get": {
             "summary": "Titles similar to a title",
-            "parameters": [_id_param("item", "title id"), K_PARAM],
+            "parameters": [_id_param("item", "title id"), K_PARAM, *FILTER_PARAMS],
             "responses": {
                 "200": _json(
                     "similar titles",

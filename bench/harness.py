@@ -114,10 +114,11 @@ def source_digest(paths: list[str]) -> str:
 
 
 def demo_data(users: int, items: int, events: int, seed: int, fmt: str = "parquet") -> dict[str, Path]:
-    """Generated demo data, cached by its parameters."""
+    """Generated demo data, cached by its parameters and the generator's code."""
     from jobs.make_demo_data import write_demo_data
 
-    folder = CACHE_ROOT / f"data-u{users}-i{items}-e{events}-s{seed}-{fmt}"
+    generator = source_digest(["jobs/make_demo_data.py"])
+    folder = CACHE_ROOT / f"data-u{users}-i{items}-e{events}-s{seed}-{fmt}-{generator}"
     paths = {"events": folder / f"events.{fmt}", "catalog": folder / f"catalog.{fmt}"}
     if all(p.is_file() for p in paths.values()):
         print(f"data: cached in {folder.relative_to(REPO_ROOT)}", flush=True)

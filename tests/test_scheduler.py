@@ -90,12 +90,15 @@ def test_crontab_runs_the_same_job_command():
         for line in (REPO_ROOT / "deploy" / "crontab").read_text().splitlines()
         if line.strip() and not line.startswith("#") and "=" not in line.split()[0]
     ]
-    assert len(lines) == 1
-    fields = lines[0].split()
-    assert croniter.is_valid(" ".join(fields[:5]))
-    command = shlex.split(lines[0].split("&&", 1)[1].split(">>")[0])
-    assert command[1:3] == ["-m", "jobs.nightly"]
-    config = nightly_args(["--events", "e.csv", "--catalog", "c.csv", *command[3:]])
+    assert len(lines) == 2  # the nightly job, and the hourly trending refresh
+    commands = {}
+    for line in lines:
+        fields = line.split()
+        assert croniter.is_valid(" ".join(fields[:5]))
+        command = shlex.split(line.split("&&", 1)[1].split(">>")[0])
+        commands[command[2]] = command
+    assert set(commands) == {"jobs.nightly", "jobs.trending"}
+    config = nightly_args(["--events", "e.csv", "--catalog", "c.csv", *commands["jobs.nightly"][3:]])
     assert config.trigger == "scheduled" and config.publish
 
 
@@ -181,3 +184,18 @@ def test_scheduler_process_retrains_on_its_schedule(redis_server, store, demo_fi
     assert process.returncode == 0, output[-3000:]
     assert store.redis.get(store.keys.job_lock) is None
     assert all(r["status"] != "running" for r in list_runs(store)), list_runs(store)
+
+
+def test_the_scheduler_refreshes_trending_between_runs(store):
+    ran = []
+    now = [1_000_000.0]
+    scheduler = Scheduler(
+        store, Schedule("0 3 * * *"), ["--events", "e.csv", "--catalog", "c.csv", "--prefix", "p", "--factors", "8"],
+        poll_seconds=0.01, clock=lambda: now[0], run_child=lambda cmd: ran.append(cmd) or 0, trending_seconds=3600,
+    )
+    assert scheduler.step() == "trending"
+    assert ran[-1][1:3] == ["-m", "jobs.trending"] and ran[-1][3:] == ["--events", "e.csv", "--catalog", "c.csv", "--prefix", "p"]
+    now[0] += 1800
+    assert scheduler.step() is None  # not due yet
+    now[0] += 1801
+    assert scheduler.step() == "trending" and len(ran) == 2
