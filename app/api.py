@@ -60,9 +60,10 @@ def k_param() -> int:
 
 MAX_EXCLUDE_QUERY = 500  # exclude= ids in a query string; POST /recommend takes more
 MAX_EXCLUDE_BODY = 10_000
+DIVERSITY_POOL = 3  # with diversity > 0, MMR picks k titles out of the best 3k
 _BODY_TYPES = {
     "user": str, "k": int, "genre": list, "kind": str, "year_min": int, "year_max": int,
-    "max_maturity": int, "region": str, "exclude": list,
+    "max_maturity": int, "region": str, "exclude": list, "diversity": float,
 }  # fmt: skip
 
 
@@ -93,7 +94,11 @@ class Query:
             kind = _BODY_TYPES.get(name)
             if kind is None:
                 continue  # extra fields are ignored, as in events
-            if kind is int:
+            if kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ApiError(400, f"'{name}' must be a number")
+                values[name] = [repr(float(value))]
+            elif kind is int:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ApiError(400, f"'{name}' must be an integer")
                 values[name] = [str(value)]
@@ -132,6 +137,19 @@ class Query:
         value = int(raw)
         if not low <= value <= high:
             raise ApiError(400, f"parameter '{name}' must be between {low} and {high}, not {value}")
+        return value
+
+    def fraction(self, name: str) -> float:
+        """A number from 0 to 1 (absent: 0)."""
+        raw = self.one(name)
+        if raw is None:
+            return 0.0
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 1.0:  # NaN fails this too
+            raise ApiError(400, f"parameter '{name}' must be a number from 0 to 1, not {raw[:20]!r}")
         return value
 
     def id(self, name: str) -> str:
@@ -192,8 +210,11 @@ def recommend_answer(query: Query, max_exclude: int):
     k = query.k()
     model = serving_model()
     filters, exclude = query.filters(model, max_exclude)
+    diversity = query.fraction("diversity")
     fresh_items, fresh_weights = live_model().fresh_history(model, user)
-    strategy, recs = model.recommend(user, k, fresh_items, fresh_weights, filters=filters, exclude=exclude)
+    pool = k if diversity == 0 else min(DIVERSITY_POOL * k, MAX_K * DIVERSITY_POOL)
+    strategy, recs = model.recommend(user, pool, fresh_items, fresh_weights, filters=filters, exclude=exclude)
+    recs = model.diversify(recs, k, diversity)
     return json_response(
         {"user": user, "model_version": model.version, "strategy": strategy, "items": scored_items(model, recs)}
     )

@@ -64,6 +64,10 @@ FILTER_PARAMS = [
         {**_LIST, "maxItems": 500}, True,
     ),
 ]
+DIVERSITY_PARAM = _query(
+    "diversity", "0-1: re-rank by maximal marginal relevance over the item vectors (0 = by score only)",
+    {"type": "number", "minimum": 0, "maximum": 1},
+)
 FILTER_BODY = {
     "type": "object",
     "required": ["user"],
@@ -76,6 +80,7 @@ FILTER_BODY = {
         "year_max": {"type": "integer", "minimum": 0, "maximum": 9999},
         "max_maturity": {"type": "integer", "minimum": 0, "maximum": 99},
         "region": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
+        "diversity": {"type": "number", "minimum": 0, "maximum": 1},
         "exclude": {"type": "array", "maxItems": 10000, "items": {"type": "string", "pattern": r"^[^,\x00-\x1f\x7f]{0,128}$"}},
     },
 }
@@ -168,7 +173,7 @@ PATHS = {
                 "Never a watched title, never one outside its availability window; k titles whenever k eligible "
                 "unseen titles exist."
             ),
-            "parameters": [_id_param("user", "user id"), K_PARAM, *FILTER_PARAMS],
+            "parameters": [_id_param("user", "user id"), K_PARAM, *FILTER_PARAMS, DIVERSITY_PARAM],
             "responses": {"200": _json("recommendations", {"$ref": "#/components/schemas/Recommendations"}), "400": BAD_PARAMS, "503": NO_MODEL},
         },
         "post": {

@@ -12,7 +12,9 @@ has watched), and a row that cannot fill ``min_items`` is dropped. Kinds:
 ``genre``                one row per top genre of the user (of the catalogue's most watched, for a new user)
 ``popular``              the most popular titles
 
-Each row takes ``size`` (default 10); ``because_you_watched`` and ``genre``
+Each row takes ``size`` (default 10) and ``diversity`` (0-1, default
+:data:`DEFAULT_DIVERSITY`: the row's titles are picked by maximal marginal
+relevance out of the best ``3 x size``); ``because_you_watched`` and ``genre``
 take ``count`` (how many such rows, default 2). Unknown and new users get a
 page too: trending, new, genre and popular rows.
 """
@@ -23,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from flask import Blueprint, Flask, current_app
 
 from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_model
 from app.errors import json_response
-from models.recommender import Recommendation, Recommender, merge_history
+from models.recommender import ANNOY_CANDIDATES, Recommendation, Recommender, merge_history
 from models.rules import Filters
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,10 @@ DEFAULT_PAGE = {
     ],
 }
 TRENDING_CACHE_SECONDS = 60.0
+DIVERSITY_POOL = 3
+PAGE_SLOTS = 200  # titles a page may place before its rows' shared nearest-title pool runs thin
+# MMR weight of a row unless its config says otherwise (chosen on ml-latest-small, see README).
+DEFAULT_DIVERSITY = 0.3
 
 
 class PageConfigError(ValueError):
@@ -80,6 +87,9 @@ def check_page_config(config, where: str = "page config") -> dict:
     for n, row in enumerate(config["rows"]):
         if not isinstance(row, dict) or row.get("kind") not in ROW_KINDS:
             raise PageConfigError(f"{where}: row {n}: 'kind' must be one of {', '.join(ROW_KINDS)}")
+        diversity = row.get("diversity")
+        if diversity is not None and (isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0 <= diversity <= 1):
+            raise PageConfigError(f"{where}: row {n} ({row['kind']}): 'diversity' must be a number from 0 to 1")
         for name, high in (("size", 100), ("count", 10), ("days", 3650)):
             value = row.get(name)
             if value is not None and (not isinstance(value, int) or not 1 <= value <= high):
@@ -139,6 +149,13 @@ class PageBuilder:
         self.used = set(exclude)
         self.eligible = model.rules.eligible(filters)
 
+    @cached_property
+    def terms(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], list[int]]:
+        """The user's vector, watched-next scores and nearest titles: computed once for every row of the page."""
+        query = self.model.user_vector(self.history, self.weights)
+        nearest = self.model.nearest_pool(query, ANNOY_CANDIDATES + len(self.history) + PAGE_SLOTS)
+        return query, self.model.sequence_scores(np.asarray(self.history)), nearest
+
     @property
     def known(self) -> bool:
         return len(self.history) > 0
@@ -146,8 +163,10 @@ class PageBuilder:
     def taken(self) -> set[int]:
         return self.used | self.seen
 
-    def row(self, row_id: str, kind: str, title: str, recs: list[Recommendation], min_items: int) -> dict | None:
-        recs = [r for r in recs if r.item not in self.used]
+    def row(
+        self, row_id: str, kind: str, title: str, recs: list[Recommendation], min_items: int, size: int, diversity: float
+    ) -> dict | None:
+        recs = self.model.diversify([r for r in recs if r.item not in self.used], size, diversity)
         if len(recs) < min_items:
             return None
         self.used.update(r.item for r in recs)
@@ -197,7 +216,8 @@ class PageBuilder:
         if not eligible.any():
             return []
         if self.known:
-            picked = self.model.ranked(self.history, self.weights, size, eligible, self.taken())
+            query, sequence, nearest = self.terms
+            picked = self.model.ranked(self.history, self.weights, size, eligible, self.taken(), query, sequence, nearest)
             return [Recommendation(i, s, []) for i, s in picked]
         return self.model.popular_items(size, self.taken(), eligible)
 
@@ -223,30 +243,33 @@ def build_page(model: Recommender, user: str, filters: Filters, exclude: set[int
     titles = model.titles
     rules = model.rules
 
-    def add(row):
-        if row is not None:
-            rows.append(row)
-
     for spec in config["rows"]:
         kind, size = spec["kind"], spec.get("size", 10)
+        diversity = float(spec.get("diversity", DEFAULT_DIVERSITY))
+        want = size * DIVERSITY_POOL if diversity > 0 else size  # MMR picks ``size`` of these
+
+        def add(row_id: str, title: str, recs: list[Recommendation], kind=kind, size=size, diversity=diversity) -> None:
+            row = page.row(row_id, kind, title, recs, min_items, size, diversity)
+            if row is not None:
+                rows.append(row)
+
         if kind == "top_picks":
-            add(page.row("top_picks", kind, "Top picks for you", page.top_picks(size), min_items))
+            add("top_picks", "Top picks for you", page.top_picks(want))
         elif kind == "because_you_watched":
             for seed in page.seeds(spec.get("count", 2)):
-                add(page.row(f"because_you_watched:{model.item_ids[seed]}", kind, f"Because you watched {titles[seed]}",
-                             page.more_like(seed, size), min_items))
+                add(f"because_you_watched:{model.item_ids[seed]}", f"Because you watched {titles[seed]}", page.more_like(seed, want))
         elif kind == "trending":
-            add(page.row("trending", kind, "Trending now", page.trending(trending, size), min_items))
+            add("trending", "Trending now", page.trending(trending, want))
         elif kind == "new_for_you":
             new = rules.new_titles(spec.get("days", 30))
-            add(page.row("new_for_you", kind, "New for you" if page.known else "New arrivals", page.within(new, size), min_items))
+            add("new_for_you", "New for you" if page.known else "New arrivals", page.within(new, want))
         elif kind == "genre":
             for genre in page.top_genres(spec.get("count", 2)):
                 mask = rules.genre_masks.get(genre)
                 if mask is not None:
-                    add(page.row(f"genre:{genre}", kind, genre, page.within(mask, size), min_items))
+                    add(f"genre:{genre}", genre, page.within(mask, want))
         elif kind == "popular":
-            add(page.row("popular", kind, "Popular", model.popular_items(size, page.taken(), page.eligible), min_items))
+            add("popular", "Popular", model.popular_items(want, page.taken(), page.eligible))
     return rows
 
 

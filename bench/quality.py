@@ -31,6 +31,7 @@ from jobs.import_movielens import import_movielens  # noqa: E402
 from models.data import Events, load_catalog, load_events  # noqa: E402
 from models.evaluate import (  # noqa: E402
     holdout_split,
+    intra_list_similarity,
     popularity_ranking,
     ranking_metrics,
     recommend_popular,
@@ -70,7 +71,28 @@ def implicit_als_defaults(train: Events, n_items: int, users: list[int]) -> list
     return [[int(i) for i in row] for row in ids]
 
 
-def run_seed(seed: int, catalog_path: Path, events_path: Path, workdir: Path) -> dict:
+def served_unit_vectors(redis_url: str, version: str, catalog) -> np.ndarray:
+    """The served version's item vectors, normalised, in catalogue row order (for intra-list similarity)."""
+    import io
+    import json
+
+    import redis
+
+    from models.store import ModelStore
+
+    store = ModelStore(redis.Redis.from_url(redis_url), "recs")
+    meta = store.meta(version)
+    vectors = np.load(io.BytesIO(store.fetch_part(version, "item_vectors.npy", meta["parts"]["item_vectors.npy"])))
+    ids = json.loads(store.fetch_part(version, "items.json", meta["parts"]["items.json"]))["item_id"]
+    order = {item_id: n for n, item_id in enumerate(ids)}
+    out = np.zeros((len(catalog), vectors.shape[1]))
+    for item_id, row in catalog.index.items():
+        if item_id in order:
+            out[row] = vectors[order[item_id]]
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def run_seed(seed: int, catalog_path: Path, events_path: Path, workdir: Path, diversities: list[float]) -> dict:
     catalog, _ = load_catalog(catalog_path)
     events, _ = load_events(events_path, catalog)
     train_mask = holdout_split(events, 0.25, "random", seed=seed)
@@ -107,18 +129,28 @@ def run_seed(seed: int, catalog_path: Path, events_path: Path, workdir: Path) ->
         if job.returncode != 0:
             sys.exit(f"nightly job failed:\n{job.stdout}\n{job.stderr}")
         with gunicorn(redis_url) as base:
-            served = []
+            served_by: dict[float, list[list[int]]] = {}
             latencies = []
-            for u in users:
-                started = time.perf_counter()
-                status, body = http_json(f"{base}/recommend?user={events.user_ids[u]}&k={K}")
-                latencies.append(time.perf_counter() - started)
-                if status != 200:
-                    sys.exit(f"/recommend answered {status}: {body}")
-                served.append([catalog.index[item["item_id"]] for item in body["items"]])
+            for diversity in diversities:
+                served_by[diversity] = []
+                for u in users:
+                    started = time.perf_counter()
+                    suffix = f"&diversity={diversity}" if diversity else ""
+                    status, body = http_json(f"{base}/recommend?user={events.user_ids[u]}&k={K}{suffix}")
+                    if not diversity:
+                        latencies.append(time.perf_counter() - started)
+                    if status != 200:
+                        sys.exit(f"/recommend answered {status}: {body}")
+                    served_by[diversity].append([catalog.index[item["item_id"]] for item in body["items"]])
             _, version = http_json(f"{base}/version")
+        unit = served_unit_vectors(server.url, version["model_version"], catalog)
+    served = served_by[diversities[0]]
     results["this service (served)"] = ranking_metrics(served, relevant, K, len(catalog))
     results["this service (served)"]["seconds"] = job_seconds
+    trade_off = {}
+    for diversity, lists in served_by.items():
+        metrics = ranking_metrics(lists, relevant, K, len(catalog))
+        trade_off[diversity] = {"ndcg": metrics[f"ndcg@{K}"], "ils": intra_list_similarity(lists, unit), "coverage": metrics["coverage"]}
     return {
         "results": results,
         "job_seconds": job_seconds,
@@ -129,6 +161,7 @@ def run_seed(seed: int, catalog_path: Path, events_path: Path, workdir: Path) ->
         "test_users": len(users),
         "train_events": len(train),
         "test_events": len(test),
+        "diversity": trade_off,
     }
 
 
@@ -136,18 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=MOVIELENS_SMALL, help="ml-latest-small folder")
     parser.add_argument("--seeds", default="0", help="comma-separated split seeds; metrics are averaged")
+    parser.add_argument("--diversity", default="0,0.3,0.6", help="MMR weights to measure (nDCG@10 vs intra-list similarity)")
     args = parser.parse_args(argv)
     if not (args.source / "ratings.csv").is_file():
         print(f"ml-latest-small not found at {args.source}; nothing to measure", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
+    diversities = [float(d) for d in args.diversity.split(",")]
+    if diversities[0] != 0:
+        diversities.insert(0, 0.0)  # the served figure is always the undiversified one
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         workdir = Path(tmp)
         paths = import_movielens(args.source, workdir / "ml")
         runs = []
         for seed in seeds:
             print(f"seed {seed}: split, baselines, nightly job, serving ...", file=sys.stderr)
-            runs.append(run_seed(seed, Path(paths["catalog_path"]), Path(paths["events_path"]), workdir))
+            runs.append(run_seed(seed, Path(paths["catalog_path"]), Path(paths["events_path"]), workdir, diversities))
 
     print(f"\nml-latest-small, per-user random 75/25, k={K}, seeds {seeds}, {runs[0]['test_users']} users")
     print(f"{'model':<26}" + "".join(f"{m:>14}" for m in METRICS) + f"{'coverage':>10}")
@@ -162,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     print("reference (same protocol): most popular 0.21, implicit ALS defaults 0.33, EASE 0.40")
     print(f"nightly job on the 75 %: {np.mean([r['job_seconds'] for r in runs]):.1f}s (evaluation and selection included)")
     print(f"served /recommend latency over HTTP: p50 {runs[0]['latency_ms_p50']:.2f} ms, p99 {runs[0]['latency_ms_p99']:.2f} ms")
+    print(f"\ndiversity (MMR over the item vectors, /recommend?diversity=): nDCG@{K}, intra-list similarity, coverage")
+    for diversity in diversities:
+        row = {m: np.mean([r["diversity"][diversity][m] for r in runs]) for m in ("ndcg", "ils", "coverage")}
+        print(f"  diversity {diversity:<4} nDCG@{K} {row['ndcg']:.4f}   ILS {row['ils']:.4f}   coverage {row['coverage']:.3f}")
     cold = (runs[0]["version"].get("metrics") or {}).get("cold_start")
     if cold:
         print(

@@ -124,3 +124,20 @@ def recommend_popular(ranking: np.ndarray, seen: set[int], k: int) -> list[int]:
             if len(out) == k:
                 break
     return out
+
+
+def intra_list_similarity(recommended: list[list[int]], unit_vectors: np.ndarray) -> float:
+    """Mean pairwise cosine between the titles of each list (over the item vectors), averaged over lists.
+
+    1.0 = every list is one title repeated; lower = more varied lists. Lists
+    with fewer than two titles are skipped.
+    """
+    values = []
+    for items in recommended:
+        if len(items) < 2:
+            continue
+        v = unit_vectors[np.asarray(items)]
+        sims = v @ v.T
+        n = len(items)
+        values.append((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+    return float(np.mean(values)) if values else 0.0

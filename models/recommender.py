@@ -21,6 +21,7 @@ Parts (all written by :mod:`models.build`):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +37,8 @@ ANNOY_CANDIDATES = 300  # titles asked of Annoy per query before exact re-scorin
 POPULAR_CANDIDATES = 200  # most popular titles always re-scored alongside
 SEQUENCE_CANDIDATES = 50  # strongest watched-next titles re-scored alongside
 SEQUENCE_HISTORY = 2000  # history titles whose watched-next neighbours count (a whole published history)
+FILTERED_SEARCH = int(os.environ.get("FILTERED_SEARCH", "50"))  # Annoy nodes per tree for a filtered request's first pool
+EXACT_POOL = 5000  # filtered requests with at most this many eligible titles score them all exactly
 
 
 @dataclass
@@ -310,30 +313,54 @@ class Recommender:
         return "personalized", recs
 
     def ranked(
-        self, items: np.ndarray, weights: np.ndarray, k: int, eligible: np.ndarray, exclude: set[int]
+        self,
+        items: np.ndarray,
+        weights: np.ndarray,
+        k: int,
+        eligible: np.ndarray,
+        exclude: set[int],
+        query: np.ndarray | None = None,
+        sequence: tuple[np.ndarray, np.ndarray] | None = None,
+        nearest: list[int] | None = None,
     ) -> list[tuple[int, float]]:
-        """Top ``k`` eligible titles not in ``exclude`` for a history: Annoy, wider Annoy, then exact."""
-        query = self.user_vector(items, weights)
+        """Top ``k`` eligible titles not in ``exclude`` for a history (``query``/``sequence``: its precomputed terms).
+
+        1. The usual candidate pool (Annoy's nearest, the popular head, the
+           strongest watched-next titles), cut to eligible titles: enough
+           unless the filters leave a small share of the catalogue.
+        2. Otherwise every eligible title is scored exactly when there are
+           at most ``EXACT_POOL`` of them, else a wider Annoy search first.
+        """
         history = np.asarray(items)
-        found = self.nearest_unseen(query, 2 * k, exclude, history=history)  # the usual case: a few are filtered
-        found = [(i, score) for i, score in found if eligible[i]][:k]
-        if len(found) >= k:
-            return found
-        seq_items, seq_values = self.sequence_scores(history)
-        wide = max(10 * k, 1000) + len(exclude)
-        if wide < self.n_items // 4:
-            found = self.rec_index.get_nns_by_vector(query, wide, search_k=max(self.search_k, wide * 20))
-            strongest = seq_items[np.argsort(-seq_values)[: SEQUENCE_CANDIDATES + len(exclude)]].tolist()
-            pool = np.fromiter(
-                (i for i in dict.fromkeys([*found, *self.popular_head, *strongest]) if eligible[i] and i not in exclude),
-                dtype=np.int64,
-            )
-            if len(pool) >= k:
-                return self._top(query, pool, seq_items, seq_values, k)
+        query = self.user_vector(items, weights) if query is None else query
+        seq_items, seq_values = self.sequence_scores(history) if sequence is None else sequence
+        n_eligible = int(np.count_nonzero(eligible))
+        if n_eligible > EXACT_POOL:
+            for wide in (ANNOY_CANDIDATES, max(10 * k, 1000) * max(1, self.n_items // n_eligible)):
+                if wide >= self.n_items // 4:
+                    break
+                # The nodes searched grow with ``wide``, not with the exclusions (a long history would
+                # otherwise multiply the cost): excluded titles just leave fewer in the pool.
+                if wide == ANNOY_CANDIDATES and nearest is not None:
+                    found = nearest  # a page asks once for all its rows (nearest_pool)
+                else:
+                    found = self.nearest_pool(query, wide + len(exclude), wide)
+                strongest = seq_items[np.argsort(-seq_values)[: SEQUENCE_CANDIDATES + len(exclude)]].tolist()
+                pool = np.fromiter(
+                    (i for i in dict.fromkeys([*found, *self.popular_head, *strongest]) if eligible[i] and i not in exclude),
+                    dtype=np.int64,
+                )
+                if len(pool) >= k:
+                    return self._top(query, pool, seq_items, seq_values, k)
         pool = np.flatnonzero(eligible)  # exact over every eligible title
         if exclude:
             pool = pool[~np.isin(pool, np.fromiter(exclude, dtype=np.int64))]
         return self._top(query, pool, seq_items, seq_values, k)
+
+    def nearest_pool(self, query: np.ndarray, n: int, width: int = ANNOY_CANDIDATES) -> list[int]:
+        """Annoy's ``n`` nearest to ``query``, searching nodes in proportion to ``width`` (not to ``n``)."""
+        search_k = self.rec_index.get_n_trees() * (FILTERED_SEARCH if width == ANNOY_CANDIDATES else width)
+        return self.rec_index.get_nns_by_vector(query, n, search_k=search_k)
 
     def _top(self, query, pool: np.ndarray, seq_items, seq_values, k: int) -> list[tuple[int, float]]:
         if len(pool) == 0:
@@ -360,14 +387,42 @@ class Recommender:
                 out.append(Recommendation(item, 1.0 / (1 + len(self.popular) + len(out)), []))
         return out
 
+    def diversify(self, picked: list, k: int, diversity: float) -> list:
+        """Maximal marginal relevance: re-rank ``picked`` (objects with ``.item`` and ``.score``, best first) to ``k``.
+
+        Each step takes the title maximising ``(1 - diversity) * relevance -
+        diversity * (highest cosine to a title already taken)``, relevance being
+        the score rescaled to [0, 1] within ``picked``. 0 keeps the order; 1
+        ignores relevance after the first title.
+        """
+        if diversity <= 0 or len(picked) <= 1:
+            return picked[:k]
+        scores = np.array([p.score for p in picked], dtype=np.float64)
+        spread = scores.max() - scores.min()
+        relevance = (scores - scores.min()) / spread if spread > 0 else np.ones(len(picked))
+        unit = self._unit[np.array([p.item for p in picked])]
+        similarity = unit @ unit.T
+        gain = (1 - diversity) * relevance
+        closest = np.zeros(len(picked))  # before the first pick nothing is taken: no penalty
+        chosen: list[int] = []
+        available = np.ones(len(picked), dtype=bool)
+        for _ in range(min(k, len(picked))):
+            value = np.where(available, gain - diversity * closest, -np.inf)
+            best = int(np.argmax(value))
+            chosen.append(best)
+            available[best] = False
+            closest = similarity[best] if len(chosen) == 1 else np.maximum(closest, similarity[best])
+        return [picked[n] for n in chosen]
+
     def similar(
         self, item: int, k: int, eligible: np.ndarray | None = None, exclude: set[int] | None = None
     ) -> list[tuple[int, float]]:
         """Nearest titles by cosine, never ``item`` itself; only ``eligible`` ones not in ``exclude``."""
         exclude = exclude or set()
         n = k + 1 + len(exclude)
+        search_k = self.sim_index.get_n_trees() * max(100, 3 * (k + 1))  # nodes grow with k, not with exclude
         while True:
-            found, dist = self.sim_index.get_nns_by_item(item, n, include_distances=True)
+            found, dist = self.sim_index.get_nns_by_item(item, n, search_k=max(search_k, n), include_distances=True)
             # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
             out = [
                 (i, 1.0 - d * d / 2.0)

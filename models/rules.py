@@ -147,6 +147,18 @@ class CatalogRules:
         data) still has a "new" row: its latest arrivals.
         """
         now = time.time() if now is None else now
+        key = ("new", days, int(now // 60))
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        mask = self._new_titles(days, now)
+        mask.flags.writeable = False
+        with self._lock:
+            self._cache[key] = mask
+        return mask
+
+    def _new_titles(self, days: float, now: float) -> np.ndarray:
         arrived = np.isfinite(self.added_at) & (self.added_at <= now)
         if not arrived.any():
             return np.zeros(self.n, dtype=bool)

@@ -191,3 +191,22 @@ def test_page_and_filters_through_gunicorn(redis_server, store, trained_demo, de
     assert status == 200 and len(page["rows"]) >= 4
     assert status2 == 200 and len(recs["items"]) == 10
     assert status3 == 400 and "Nope" in bad["error"]
+
+
+def test_diversity_makes_lists_less_alike_and_is_checked(client):
+    from models.evaluate import intra_list_similarity
+
+    model = model_of(client)
+    users = [u for u in model.user_ids[:40] if len(model.history(u)[0]) >= 5]
+    lists = {}
+    for diversity in (0, 0.6):
+        lists[diversity] = []
+        for user in users:
+            body = client.get(f"/recommend?user={user}&k=10&diversity={diversity}").get_json()
+            assert len(body["items"]) == 10
+            lists[diversity].append([model.item_index[i["item_id"]] for i in body["items"]])
+    assert intra_list_similarity(lists[0.6], model._unit) < intra_list_similarity(lists[0], model._unit) - 0.02
+    # The first pick is the most relevant title either way; the rest trade relevance for variety.
+    assert all(a[0] == b[0] for a, b in zip(lists[0], lists[0.6]))
+    for bad in ("1.5", "-0.1", "nan", "lots"):
+        assert client.get(f"/recommend?user={users[0]}&diversity={bad}").status_code == 400
