@@ -410,6 +410,19 @@ def test_explorer_search_title_and_user_pages(admin):
     history, _ = model.history(user)
     assert f"{len(history)} titles" in page and esc(model.titles[int(history[0])]) in page
 
+    # The user's home page, as GET /page builds it, with the region and maturity selectors applied.
+    from app.pages import build_page
+    from models.rules import Filters
+
+    app = client.application
+    trending = app.extensions["trending"].ids()
+    rows = build_page(model, user, Filters(max_maturity=7, region="GB"), set(), (None, None), app.config["PAGE"], trending)
+    kids = client.get(f"/admin/explore/user?user={user}&max_maturity=7&region=GB", headers=HTML).text
+    assert 'id="home-page"' in kids and kids.count('class="page-row"') == len(rows) > 0
+    assert '<option value="7" selected>' in kids
+    for row in rows:
+        assert esc(row["title"]) in kids
+
     stranger = client.get("/admin/explore/user?user=nobody-at-all", headers=HTML).text
     assert "not in the model" in stranger and "(popular)" in stranger
     assert client.get("/admin/explore/title?item=nope").status_code == 404

@@ -18,7 +18,10 @@ from app.admin.auth import admin_error
 from app.admin.charts import STATUS_COLOURS, Series, bar_chart, line_chart
 from jobs.runs import ACTIVE, get_run, list_runs, lock_ttl, queue_run, queued_requests, run_log
 from jobs.scheduler import scheduler_status
+from app.pages import build_page
+from models.data import MATURITY_AGES
 from models.recommender import merge_history
+from models.rules import ISO_REGIONS, Filters
 from models.store import CorruptMeta, ModelError
 
 METRIC_NAMES = ("ndcg@10", "precision@10", "recall@10", "map@10", "coverage")
@@ -352,9 +355,24 @@ def user_page():
     recommendations = [
         {**item_row(model, r.item), "score": r.score, "because": [item_row(model, b) for b in r.because]} for r in recs
     ]
+    region = request.args.get("region", "").strip().upper()[:2] or None
+    maturity = request.args.get("max_maturity", "").strip()
+    filters = Filters(
+        region=region if region in ISO_REGIONS else None,
+        max_maturity=int(maturity) if maturity.isdigit() and int(maturity) <= 18 else None,
+    )
+    rows = build_page(
+        model, user_id, filters, set(), (fresh_items, fresh_weights), current_app.config["PAGE"],
+        current_app.extensions["trending"].ids(),
+    )  # fmt: skip
     return render_template(
         "admin/user.html",
         user_id=user_id,
+        rows=rows,
+        region=filters.region or "",
+        max_maturity=filters.max_maturity,
+        regions=sorted(model.rules.region_masks),
+        maturity_ages=MATURITY_AGES,
         known=user_id in model.user_index,
         strategy=strategy,
         history=history,
