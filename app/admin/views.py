@@ -16,9 +16,9 @@ from jinja2 import Undefined
 from app.admin import admin
 from app.admin.auth import admin_error
 from app.admin.charts import STATUS_COLOURS, Series, bar_chart, line_chart
+from app.pages import build_page
 from jobs.runs import ACTIVE, get_run, list_runs, lock_ttl, queue_run, queued_requests, run_log
 from jobs.scheduler import scheduler_status
-from app.pages import build_page
 from models.data import MATURITY_AGES
 from models.recommender import merge_history
 from models.rules import ISO_REGIONS, Filters
