@@ -134,11 +134,15 @@ class CatalogRules:
             if filters.region is not None:
                 mask &= self.everywhere | self.region_masks.get(filters.region, np.zeros(self.n, dtype=bool))
         mask.flags.writeable = False
+        self._remember(key, mask)
+        return mask
+
+    def _remember(self, key: tuple, mask: np.ndarray) -> None:
+        """Keep ``mask`` among the newest ``MASK_CACHE`` (keys carry the minute: old ones age out)."""
         with self._lock:
             self._cache[key] = mask
             while len(self._cache) > MASK_CACHE:
                 self._cache.popitem(last=False)
-        return mask
 
     def new_titles(self, days: float, now: float | None = None) -> np.ndarray:
         """Titles added in the ``days`` up to the newest arrival (now, on a catalogue fed every day).
@@ -154,8 +158,7 @@ class CatalogRules:
             return cached
         mask = self._new_titles(days, now)
         mask.flags.writeable = False
-        with self._lock:
-            self._cache[key] = mask
+        self._remember(key, mask)
         return mask
 
     def _new_titles(self, days: float, now: float) -> np.ndarray:

@@ -8,6 +8,8 @@ with ``--keep 2`` and an ``EVENTS_ARCHIVE`` folder.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import time
 from collections import Counter
 
@@ -16,6 +18,8 @@ import pytest
 
 from jobs.runs import run_job
 from models.live_events import ARCHIVE_GLOB, archived_through
+from tests.conftest import REPO_ROOT
+from tests.helpers import nightly_command
 from tests.test_events import event, job_config, make_app
 
 pytestmark = pytest.mark.slow
@@ -105,7 +109,20 @@ def test_stream_is_archived_and_trimmed_without_loss_or_doubles(redis_server, st
     assert store.redis.xlen(store.keys.events_stream) == 0
     assert Counter(archive_rows(archive)) == Counter(accepted)
     assert archived_through(archive) == seventh["live_events"]["consumed_through"]
+    # The same through the command line, as cron or the scheduler runs it: EVENTS_ARCHIVE from the environment.
+    post(8)
+    env = dict(os.environ, REDIS_URL=redis_server.url, REDIS_PREFIX=store.keys.prefix, EVENTS_ARCHIVE=str(archive))
+    flags = ["--no-eval", "--quiet", "--keep", "2", "--force", "--n-trees", "5", "--iterations", "5", "--factors", "16"]
+    for _ in range(2):
+        result = subprocess.run(
+            nightly_command(demo_files["events"], demo_files["catalog"], *flags),
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert Counter(archive_rows(archive)) == Counter(accepted) and len(accepted) == 100
+    assert store.redis.xlen(store.keys.events_stream) == 0
+    assert store.meta(store.live_version())["counts"]["events"] == files_only + 100
     print(
-        f"\ncompaction: {len(accepted)} events accepted over 7 runs (--keep 2); archive rows {len(archive_rows(archive))}, "
+        f"\ncompaction: {len(accepted)} events accepted over 9 runs (--keep 2, the last two on the command line); archive rows {len(archive_rows(archive))}, "
         f"stream left {store.redis.xlen(store.keys.events_stream)}, overlay users {store.redis.hlen(store.keys.fresh_history)}"
     )

@@ -210,3 +210,15 @@ def test_diversity_makes_lists_less_alike_and_is_checked(client):
     assert all(a[0] == b[0] for a, b in zip(lists[0], lists[0.6]))
     for bad in ("1.5", "-0.1", "nan", "lots"):
         assert client.get(f"/recommend?user={users[0]}&diversity={bad}").status_code == 400
+
+
+def test_rule_masks_are_cached_but_bounded():
+    from models.rules import MASK_CACHE, CatalogRules, Filters
+
+    rules = CatalogRules({"item_id": ["a", "b"], "genres": [["Drama"], []], "available_until": [None, 2_000_000_000],
+                          "added_at": [1_700_000_000, None]})
+    for minute in range(MASK_CACHE * 3):  # a long-running worker: a new minute, a new key
+        rules.eligible(Filters(genres=("Drama",)), now=1_800_000_000 + 60 * minute)
+        rules.new_titles(30, now=1_800_000_000 + 60 * minute)
+    assert len(rules._cache) <= MASK_CACHE
+    assert rules.eligible(None, now=2_100_000_000).tolist() == [True, False]  # b's window has closed
