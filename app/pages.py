@@ -17,6 +17,12 @@ Each row takes ``size`` (default 10) and ``diversity`` (0-1, default
 relevance out of the best ``3 x size``); ``because_you_watched`` and ``genre``
 take ``count`` (how many such rows, default 2). Unknown and new users get a
 page too: trending, new, genre and popular rows.
+
+Promotions: operators pin titles into a row kind at a share of its slots
+(the dashboard's Promotions page; stored in Redis, ``Keys.promotions``, and
+picked up by every worker within ``PROMOTIONS_CACHE_SECONDS``). Promoted
+titles lead their row, still under the page's filters and never twice on a
+page, and carry ``"reason": "promoted"``.
 """
 
 from __future__ import annotations
@@ -97,6 +103,53 @@ def check_page_config(config, where: str = "page config") -> dict:
     return {"min_items": min_items, "rows": config["rows"]}
 
 
+PROMOTIONS_CACHE_SECONDS = 2.0
+MAX_PROMOTED = 50
+
+
+def check_promotions(value) -> dict:
+    """``{row kind: {"items": [title ids], "share": 0 < s <= 1}}``; raises ValueError saying what is wrong."""
+    if not isinstance(value, dict):
+        raise ValueError("promotions must be an object of row kinds")
+    out = {}
+    for kind, spec in value.items():
+        if kind not in ROW_KINDS:
+            raise ValueError(f"unknown row kind {kind!r}; use one of {', '.join(ROW_KINDS)}")
+        items, share = (spec or {}).get("items"), (spec or {}).get("share")
+        if not isinstance(items, list) or not all(isinstance(i, str) and 0 < len(i) <= 128 for i in items):
+            raise ValueError(f"{kind}: 'items' must be a list of title ids")
+        if len(items) > MAX_PROMOTED:
+            raise ValueError(f"{kind}: at most {MAX_PROMOTED} promoted titles")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"{kind}: 'share' must be a number above 0 and at most 1")
+        if items:
+            out[kind] = {"items": list(dict.fromkeys(items)), "share": float(share)}
+    return out
+
+
+class PromotionsCache:
+    """Operators' promotions from Redis, re-read at most every ``PROMOTIONS_CACHE_SECONDS``."""
+
+    def __init__(self, client: redis.Redis, key: str):
+        self.client, self.key = client, key
+        self.value: dict = {}
+        self._read_at = -1e9
+
+    def get(self) -> dict:
+        now = time.monotonic()
+        if now - self._read_at >= PROMOTIONS_CACHE_SECONDS:
+            self._read_at = now
+            try:
+                raw = self.client.get(self.key)
+                self.value = check_promotions(orjson.loads(raw)) if raw else {}
+            except (redis.RedisError, orjson.JSONDecodeError, ValueError) as exc:
+                log.warning("promotions unavailable, keeping the last ones: %r", exc)
+        return self.value
+
+    def forget(self) -> None:
+        self._read_at = -1e9
+
+
 class TrendingCache:
     """The trending record from Redis, read at most every ``TRENDING_CACHE_SECONDS`` (kept if Redis fails)."""
 
@@ -127,6 +180,7 @@ def init_pages(app: Flask) -> None:
     )
     store = app.extensions["live_model"].store
     app.extensions["trending"] = TrendingCache(live_model_events_client(app), store.keys.trending)
+    app.extensions["promotions"] = PromotionsCache(live_model_events_client(app), store.keys.promotions)
     app.register_blueprint(pages_api)
 
 
@@ -138,8 +192,9 @@ def live_model_events_client(app: Flask) -> redis.Redis:
 class PageBuilder:
     """Fills the rows of one page, keeping every title it placed out of the rows after it."""
 
-    def __init__(self, model: Recommender, user: str, filters: Filters, exclude: set[int], fresh):
+    def __init__(self, model: Recommender, user: str, filters: Filters, exclude: set[int], fresh, promotions=None):
         self.model, self.user, self.filters = model, user, filters
+        self.promotions = promotions or {}
         self.fresh_items, self.fresh_weights = fresh
         items, weights = model.history(user)
         if self.fresh_items is not None and len(self.fresh_items):
@@ -167,6 +222,10 @@ class PageBuilder:
         self, row_id: str, kind: str, title: str, recs: list[Recommendation], min_items: int, size: int, diversity: float
     ) -> dict | None:
         recs = self.model.diversify([r for r in recs if r.item not in self.used], size, diversity)
+        promoted = self.promoted(kind, size)
+        if promoted:
+            rest = [r for r in recs if r.item not in promoted]
+            recs = [Recommendation(i, 0.0, []) for i in promoted] + rest[: size - len(promoted)]
         if len(recs) < min_items:
             return None
         self.used.update(r.item for r in recs)
@@ -174,10 +233,27 @@ class PageBuilder:
         items = []
         for r in recs:
             item = {"item_id": ids[r.item], "title": titles[r.item], "score": round(r.score, 6)}
+            if r.item in promoted:
+                item["reason"] = "promoted"
             if r.because:
                 item["because"] = [{"item_id": ids[b], "title": titles[b]} for b in r.because]
             items.append(item)
         return {"id": row_id, "kind": kind, "title": title, "items": items}
+
+    def promoted(self, kind: str, size: int) -> list[int]:
+        """The promoted titles this row shows first: at most ``share`` of its slots, under the page's filters."""
+        spec = self.promotions.get(kind)
+        if not spec:
+            return []
+        slots = max(1, int(spec["share"] * size))
+        index, taken, out = self.model.item_index, self.taken(), []
+        for item_id in spec["items"]:
+            row = index.get(item_id)
+            if row is not None and self.eligible[row] and row not in taken and row not in out:
+                out.append(row)
+                if len(out) == slots:
+                    break
+        return out
 
     def top_picks(self, size: int) -> list[Recommendation]:
         if not self.known:
@@ -237,8 +313,11 @@ class PageBuilder:
         return [g for g in ranked if not allowed or g in allowed][:count]
 
 
-def build_page(model: Recommender, user: str, filters: Filters, exclude: set[int], fresh, config: dict, trending: list[str]) -> list[dict]:
-    page = PageBuilder(model, user, filters, exclude, fresh)
+def build_page(
+    model: Recommender, user: str, filters: Filters, exclude: set[int], fresh, config: dict, trending: list[str],
+    promotions: dict | None = None,
+) -> list[dict]:
+    page = PageBuilder(model, user, filters, exclude, fresh, promotions)
     min_items, rows = config["min_items"], []
     titles = model.titles
     rules = model.rules
@@ -280,7 +359,9 @@ def home_page():
     model = serving_model()
     filters, exclude = query.filters(model, MAX_EXCLUDE_QUERY)
     fresh = live_model().fresh_history(model, user)
+    extensions = current_app.extensions
     rows = build_page(
-        model, user, filters, exclude, fresh, current_app.config["PAGE"], current_app.extensions["trending"].ids()
-    )
+        model, user, filters, exclude, fresh, current_app.config["PAGE"], extensions["trending"].ids(),
+        extensions["promotions"].get(),
+    )  # fmt: skip
     return json_response({"user": user, "model_version": model.version, "rows": rows})

@@ -19,6 +19,7 @@ Batch runs (written by :mod:`jobs.runs`, read by the dashboard)::
     {prefix}:lock:nightly               -> the id of the run holding the job lock (expires)
     {prefix}:scheduler                  -> JSON heartbeat of the scheduler process (expires)
     {prefix}:trending                   -> JSON: trending titles (models.trending), refreshed hourly
+    {prefix}:promotions                 -> JSON: titles pinned into page rows by operators (app.pages)
     {prefix}:admin:session:{sha256}     -> a signed-in dashboard session (expires with it)
     {prefix}:admin:signin:{who}:{minute} -> failed sign-ins in that minute, per address hash or "all"
 
@@ -190,6 +191,11 @@ class Keys:
     def trending(self) -> str:
         """JSON: the trending titles (models.trending), refreshed hourly and by each nightly run."""
         return f"{self.prefix}:trending"
+
+    @property
+    def promotions(self) -> str:
+        """JSON: titles operators pin into page rows, {row kind: {"items": [ids], "share"}} (app.pages)."""
+        return f"{self.prefix}:promotions"
 
     # The dashboard's server-side sessions and sign-in limits (app.admin.auth); names are hashes.
     def admin_session(self, digest: str) -> str:

@@ -426,3 +426,32 @@ def test_explorer_search_title_and_user_pages(admin):
     stranger = client.get("/admin/explore/user?user=nobody-at-all", headers=HTML).text
     assert "not in the model" in stranger and "(popular)" in stranger
     assert client.get("/admin/explore/title?item=nope").status_code == 404
+
+
+def test_promotions_from_the_dashboard_lead_their_row_at_once_under_the_filters(admin, store):
+    client, csrf = admin
+    app = client.application
+    model = app.extensions["live_model"].current
+    user = next(u for u in model.user_ids if len(model.history(u)[0]) >= 5)
+    seen = set(model.history(user)[0].tolist())
+    maturity = model.items["maturity"]
+    unseen = [i for i in range(model.n_items) if i not in seen and app.extensions["live_model"].current.rules.eligible(None)[i]]
+    kids = [model.item_ids[i] for i in unseen if maturity[i] is not None and maturity[i] <= 7][:2]
+    adult = next(model.item_ids[i] for i in unseen if maturity[i] == 18)
+    response = client.post("/admin/promotions", data={"csrf_token": csrf, "kind": "top_picks", "share": "0.3", "items": "\n".join([adult, *kids])})
+    assert response.status_code == 303
+    assert adult in client.get("/admin/promotions", headers=HTML).text
+    rows = client.get(f"/page?user={user}").get_json()["rows"]
+    top = rows[0]
+    assert top["kind"] == "top_picks"
+    assert [i["item_id"] for i in top["items"][:3]] == [adult, *kids]
+    assert all(i.get("reason") == "promoted" for i in top["items"][:3]) and "reason" not in top["items"][3]
+    # A kids' profile: the 18-rated promotion is filtered out, the others still lead.
+    top = client.get(f"/page?user={user}&max_maturity=7").get_json()["rows"][0]
+    assert [i["item_id"] for i in top["items"] if i.get("reason") == "promoted"] == kids
+    ids = [i["item_id"] for row in client.get(f"/page?user={user}").get_json()["rows"] for i in row["items"]]
+    assert len(ids) == len(set(ids))
+    bad = client.post("/admin/promotions", data={"csrf_token": csrf, "kind": "spotlight", "share": "0.3", "items": "x"})
+    assert bad.status_code == 400
+    assert client.post("/admin/promotions", data={"csrf_token": csrf, "kind": "top_picks", "items": ""}).status_code == 303
+    assert all("reason" not in i for i in client.get(f"/page?user={user}").get_json()["rows"][0]["items"])

@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
+import orjson
 from flask import current_app, flash, redirect, render_template, request, url_for
 from jinja2 import Undefined
 
 from app.admin import admin
 from app.admin.auth import admin_error
 from app.admin.charts import STATUS_COLOURS, Series, bar_chart, line_chart
-from app.pages import build_page
+from app.pages import ROW_KINDS, build_page, check_promotions
 from jobs.runs import ACTIVE, get_run, list_runs, lock_ttl, queue_run, queued_requests, run_log
 from jobs.scheduler import scheduler_status
 from models.data import MATURITY_AGES
@@ -363,7 +364,7 @@ def user_page():
     )
     rows = build_page(
         model, user_id, filters, set(), (fresh_items, fresh_weights), current_app.config["PAGE"],
-        current_app.extensions["trending"].ids(),
+        current_app.extensions["trending"].ids(), current_app.extensions["promotions"].get(),
     )  # fmt: skip
     return render_template(
         "admin/user.html",
@@ -381,3 +382,45 @@ def user_page():
         model=model,
         fresh=0 if fresh_items is None else len(fresh_items),
     )
+
+
+# -- promotions -----------------------------------------------------------------------------------------
+@admin.get("/promotions")
+def promotions():
+    model = loaded_model()
+    current = current_app.extensions["promotions"]
+    current.forget()
+    known = model.item_index if model is not None else {}
+    rows = [
+        {"kind": kind, "share": spec["share"], "items": [{"item_id": i, "title": model.titles[known[i]] if i in known else None} for i in spec["items"]]}
+        for kind, spec in current.get().items()
+    ]
+    return render_template("admin/promotions.html", rows=rows, kinds=ROW_KINDS)
+
+
+@admin.post("/promotions")
+def save_promotion():
+    kind = request.form.get("kind", "")
+    ids = [i.strip() for i in request.form.get("items", "").replace(",", "\n").splitlines() if i.strip()]
+    try:
+        share = float(request.form.get("share", "0.2"))
+    except ValueError:
+        share = -1.0
+    current = dict(current_app.extensions["promotions"].get())
+    current.pop(kind, None)
+    if ids:
+        current[kind] = {"items": ids, "share": share}
+    try:
+        checked = check_promotions(current)
+    except ValueError as exc:
+        return admin_error(400, str(exc))
+    store().redis.set(store().keys.promotions, orjson.dumps(checked))
+    current_app.extensions["promotions"].forget()
+    model = loaded_model()
+    unknown = [i for i in ids if model is None or i not in model.item_index]
+    current_app.logger.warning("admin set promotions for %s: %s (share %s) from %s", kind, ids, share, request.remote_addr)
+    message = f"Promotions for {kind} saved: {len(ids)} title(s) at {share:.0%} of the row." if ids else f"Promotions for {kind} removed."
+    if unknown:
+        message += f" Not in the served model (shown once they are): {', '.join(unknown[:10])}."
+    flash(message, "warn" if unknown else "ok")
+    return redirect(url_for("admin.promotions"), 303)
