@@ -41,7 +41,7 @@ from flask import Blueprint, Flask, current_app
 
 from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_model
 from app.errors import json_response
-from models.recommender import ANNOY_CANDIDATES, Recommendation, Recommender, merge_history
+from models.recommender import ANNOY_CANDIDATES, SEQUENCE_CANDIDATES, Recommendation, Recommender, merge_history
 from models.rules import Filters
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,21 @@ class PageBuilder:
         nearest = self.model.nearest_pool(query, ANNOY_CANDIDATES + len(self.history) + PAGE_SLOTS)
         return query, self.model.sequence_scores(np.asarray(self.history)), nearest
 
+    @cached_property
+    def scored_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """The shared candidates of the page's ranked rows, scored once, best first (titles and scores)."""
+        query, (seq_items, seq_values), nearest = self.terms
+        strongest = seq_items[np.argsort(-seq_values)[:SEQUENCE_CANDIDATES]].tolist()
+        pool = np.fromiter(
+            (i for i in dict.fromkeys([*nearest, *self.model.popular_head, *strongest]) if i not in self.seen and self.eligible[i]),
+            dtype=np.int64,
+        )
+        if len(pool) == 0:
+            return pool, np.empty(0)
+        scores = self.model.blended_scores(query, pool, seq_items, seq_values)
+        order = np.argsort(-scores, kind="stable")
+        return pool[order], scores[order]
+
     @property
     def known(self) -> bool:
         return len(self.history) > 0
@@ -292,8 +307,13 @@ class PageBuilder:
         if not eligible.any():
             return []
         if self.known:
-            query, sequence, nearest = self.terms
-            picked = self.model.ranked(self.history, self.weights, size, eligible, self.taken(), query, sequence, nearest)
+            pool, scores = self.scored_pool  # one scoring for every row; a row it cannot fill searches on its own
+            keep = eligible[pool] if len(pool) else np.zeros(0, dtype=bool)
+            used = self.used
+            picked = [(i, s) for i, s in zip(pool[keep].tolist(), scores[keep].tolist()) if i not in used][:size]
+            if len(picked) < size:
+                query, sequence, nearest = self.terms
+                picked = self.model.ranked(self.history, self.weights, size, eligible, self.taken(), query, sequence, nearest)
             return [Recommendation(i, s, []) for i, s in picked]
         return self.model.popular_items(size, self.taken(), eligible)
 
