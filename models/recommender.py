@@ -37,7 +37,7 @@ ANNOY_CANDIDATES = 300  # titles asked of Annoy per query before exact re-scorin
 POPULAR_CANDIDATES = 200  # most popular titles always re-scored alongside
 SEQUENCE_CANDIDATES = 50  # strongest watched-next titles re-scored alongside
 SEQUENCE_HISTORY = 2000  # history titles whose watched-next neighbours count (a whole published history)
-FILTERED_SEARCH = int(os.environ.get("FILTERED_SEARCH", "50"))  # Annoy nodes per tree for a filtered request's first pool
+FILTERED_SEARCH = int(os.environ.get("FILTERED_SEARCH", "30"))  # Annoy nodes per tree for a filtered request's first pool
 EXACT_POOL = 5000  # filtered requests with at most this many eligible titles score them all exactly
 
 
@@ -335,6 +335,7 @@ class Recommender:
         query = self.user_vector(items, weights) if query is None else query
         seq_items, seq_values = self.sequence_scores(history) if sequence is None else sequence
         n_eligible = int(np.count_nonzero(eligible))
+        excluded = np.fromiter(exclude, dtype=np.int64, count=len(exclude))
         if n_eligible > EXACT_POOL:
             for wide in (ANNOY_CANDIDATES, max(10 * k, 1000) * max(1, self.n_items // n_eligible)):
                 if wide >= self.n_items // 4:
@@ -346,15 +347,16 @@ class Recommender:
                 else:
                     found = self.nearest_pool(query, wide + len(exclude), wide)
                 strongest = seq_items[np.argsort(-seq_values)[: SEQUENCE_CANDIDATES + len(exclude)]].tolist()
-                pool = np.fromiter(
-                    (i for i in dict.fromkeys([*found, *self.popular_head, *strongest]) if eligible[i] and i not in exclude),
-                    dtype=np.int64,
-                )
+                pool = np.fromiter(dict.fromkeys([*found, *self.popular_head, *strongest]), dtype=np.int64)
+                keep = eligible[pool]
+                if exclude:
+                    keep &= ~np.isin(pool, excluded)
+                pool = pool[keep]
                 if len(pool) >= k:
                     return self._top(query, pool, seq_items, seq_values, k)
         pool = np.flatnonzero(eligible)  # exact over every eligible title
         if exclude:
-            pool = pool[~np.isin(pool, np.fromiter(exclude, dtype=np.int64))]
+            pool = pool[~np.isin(pool, excluded)]
         return self._top(query, pool, seq_items, seq_values, k)
 
     def nearest_pool(self, query: np.ndarray, n: int, width: int = ANNOY_CANDIDATES) -> list[int]:
