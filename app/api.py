@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import orjson
 from flask import Blueprint, current_app, request
 
 from app.errors import ApiError, json_response
@@ -29,35 +28,6 @@ def serving_model() -> Recommender:
     return model
 
 
-def id_param(name: str) -> str:
-    values = request.args.getlist(name)
-    if len(values) > 1:
-        raise ApiError(400, f"parameter '{name}' given {len(values)} times; give it once")
-    value = values[0].strip() if values else ""
-    if not value:
-        raise ApiError(400, f"missing required parameter '{name}'")
-    if len(value) > MAX_ID_LENGTH:
-        raise ApiError(400, f"parameter '{name}' is longer than {MAX_ID_LENGTH} characters")
-    if _CONTROL.search(value):
-        raise ApiError(400, f"parameter '{name}' contains control characters")
-    return value
-
-
-def k_param() -> int:
-    values = request.args.getlist("k")
-    if len(values) > 1:
-        raise ApiError(400, f"parameter 'k' given {len(values)} times; give it once")
-    if not values:
-        return 10
-    raw = values[0].strip()
-    if not re.fullmatch(r"[+-]?\d{1,6}", raw):
-        raise ApiError(400, f"parameter 'k' must be an integer between 1 and {MAX_K}, not {raw[:20]!r}")
-    k = int(raw)
-    if not 1 <= k <= MAX_K:
-        raise ApiError(400, f"parameter 'k' must be between 1 and {MAX_K}, not {k}")
-    return k
-
-
 MAX_EXCLUDE_QUERY = 500  # exclude= ids in a query string; POST /recommend takes more
 MAX_EXCLUDE_BODY = 10_000
 DIVERSITY_POOL = 3  # with diversity > 0, MMR picks k titles out of the best 3k
@@ -79,14 +49,9 @@ class Query:
 
     @classmethod
     def from_json(cls) -> Query:
-        from app.events import read_body
+        from app.events import json_body
 
-        if not request.is_json:
-            raise ApiError(415, "send the request as JSON with 'Content-Type: application/json'")
-        try:
-            body = orjson.loads(read_body(current_app.config["MAX_CONTENT_LENGTH"]))
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        body = json_body("the request")
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object, e.g. {\"user\": \"u1\", \"exclude\": [\"t1\"]}")
         values = {}
@@ -249,7 +214,7 @@ def similar():
 
 @api.get("/history")
 def history():
-    user = id_param("user")
+    user = Query.from_args().id("user")
     model = serving_model()
     items, weights = model.history(user)
     fresh_items, fresh_weights = live_model().fresh_history(model, user)

@@ -29,6 +29,13 @@ def error_response(status: int, message: str, **extra) -> Response:
     return json_response({"error": message, **extra}, status)
 
 
+def retry_later(message: str, seconds: int) -> Response:
+    """503 with ``Retry-After``: the request was fine, a dependency is not (nothing was stored)."""
+    response = error_response(503, message)
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -40,17 +47,13 @@ def register_error_handlers(app: Flask) -> None:
     def redis_full(exc: redis.OutOfMemoryError):
         # maxmemory with noeviction: Redis refuses writes rather than dropping data. Not our bug: retry later.
         log.error("redis is full (maxmemory reached; nothing is evicted): %s", exc)
-        response = error_response(503, "the store is full and refuses writes; nothing was stored: retry later")
-        response.headers["Retry-After"] = "30"
-        return response
+        return retry_later("the store is full and refuses writes; nothing was stored: retry later", 30)
 
     @app.errorhandler(redis.ConnectionError)
     @app.errorhandler(redis.TimeoutError)
     def redis_down(exc: redis.RedisError):
         log.warning("redis unavailable: %s", exc)
-        response = error_response(503, "the store (Redis) is unavailable: retry later")
-        response.headers["Retry-After"] = "1"
-        return response
+        return retry_later("the store (Redis) is unavailable: retry later", 1)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -22,7 +22,7 @@ from flask import Blueprint, Flask, current_app, request
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.errors import ApiError, error_response, json_response
+from app.errors import ApiError, json_response, retry_later
 from models.data import validate_event_records
 from models.live_events import EventLog
 from models.store import Keys, redis_from_url
@@ -89,6 +89,16 @@ def read_body(limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def json_body(what: str):
+    """The request's JSON body, parsed: 415 if it is not JSON, 413 past ``MAX_BODY_BYTES``, 400 if it does not parse."""
+    if not request.is_json:
+        raise ApiError(415, f"send {what} as JSON with 'Content-Type: application/json'")
+    try:
+        return orjson.loads(read_body(current_app.config["MAX_CONTENT_LENGTH"]))
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+
 def require_writer() -> None:
     """``EVENTS_TOKEN`` set: the request must carry ``Authorization: Bearer <one of its tokens>``.
 
@@ -111,13 +121,7 @@ def require_writer() -> None:
 
 def _events_from_body() -> list:
     require_writer()
-    if not request.is_json:
-        raise ApiError(415, "send the events as JSON with 'Content-Type: application/json'")
-    body = read_body(current_app.config["MAX_CONTENT_LENGTH"])
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    payload = json_body("the events")
     records = payload if isinstance(payload, list) else [payload]
     if not records:
         raise ApiError(400, "no events: send one event object or a non-empty array of them")
@@ -139,16 +143,12 @@ def post_events():
         ids = current_app.extensions["event_log"].append(events)
     except redis.TimeoutError as exc:
         log.warning("events store timed out: %s", exc)
-        response = error_response(503, "the event store did not confirm in time; the events may not be stored: retry")
-        response.headers["Retry-After"] = "1"
-        return response
+        return retry_later("the event store did not confirm in time; the events may not be stored: retry", 1)
     except redis.OutOfMemoryError:
         raise  # 503 with Retry-After (app.errors): full, not down
     except redis.RedisError as exc:
         log.warning("events store unavailable: %s", exc)
-        response = error_response(503, "the event store (Redis) is unavailable; nothing was stored: retry later")
-        response.headers["Retry-After"] = "1"
-        return response
+        return retry_later("the event store (Redis) is unavailable; nothing was stored: retry later", 1)
     current_app.extensions["live_model"].note_fresh({e.user_id for e in events})
     model = current_app.extensions["live_model"].current
     known = model.item_index if model is not None else {}

@@ -127,51 +127,40 @@ def check_promotions(value) -> dict:
     return out
 
 
-class PromotionsCache:
-    """Operators' promotions from Redis, re-read at most every ``PROMOTIONS_CACHE_SECONDS``."""
+class RedisValue:
+    """One Redis key, decoded, re-read at most every ``seconds``; the last good value stays if a read fails."""
 
-    def __init__(self, client: redis.Redis, key: str):
-        self.client, self.key = client, key
-        self.value: dict = {}
-        self._read_at = -1e9
-
-    def get(self) -> dict:
-        now = time.monotonic()
-        if now - self._read_at >= PROMOTIONS_CACHE_SECONDS:
-            self._read_at = now
-            try:
-                raw = self.client.get(self.key)
-                self.value = check_promotions(orjson.loads(raw)) if raw else {}
-            except (redis.RedisError, orjson.JSONDecodeError, ValueError) as exc:
-                log.warning("promotions unavailable, keeping the last ones: %r", exc)
-        return self.value
-
-    def forget(self) -> None:
-        self._read_at = -1e9
-
-
-class TrendingCache:
-    """The trending record from Redis, read at most every ``TRENDING_CACHE_SECONDS`` (kept if Redis fails)."""
-
-    def __init__(self, client: redis.Redis, key: str):
-        self.client, self.key = client, key
-        self.items: list[str] = []
+    def __init__(self, client: redis.Redis, key: str, seconds: float, decode, empty):
+        self.client, self.key, self.seconds = client, key, seconds
+        self.decode, self.value = decode, empty
         self._read_at = -1e9
         self._lock = threading.Lock()
 
-    def ids(self) -> list[str]:
-        now = time.monotonic()
-        if now - self._read_at < TRENDING_CACHE_SECONDS:
-            return self.items
+    def get(self):
+        if time.monotonic() - self._read_at < self.seconds:
+            return self.value
         with self._lock:
-            if now - self._read_at >= TRENDING_CACHE_SECONDS:
+            now = time.monotonic()
+            if now - self._read_at >= self.seconds:
                 self._read_at = now
                 try:
                     raw = self.client.get(self.key)
-                    self.items = [row[0] for row in orjson.loads(raw)["items"]] if raw else []
-                except (redis.RedisError, orjson.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
-                    log.warning("trending titles unavailable, keeping the last ones: %r", exc)
-        return self.items
+                    self.value = self.decode(orjson.loads(raw) if raw else None)
+                except (redis.RedisError, ValueError, KeyError, TypeError, IndexError) as exc:
+                    log.warning("%s unavailable, keeping the last value: %r", self.key, exc)
+        return self.value
+
+    def forget(self) -> None:
+        """Read it again on the next ``get`` (this worker just changed it)."""
+        self._read_at = -1e9
+
+
+def _trending_ids(record) -> list[str]:
+    return [row[0] for row in record["items"]] if record else []
+
+
+def _promotions(value) -> dict:
+    return check_promotions(value) if value else {}
 
 
 def init_pages(app: Flask) -> None:
@@ -179,8 +168,9 @@ def init_pages(app: Flask) -> None:
         os.environ.get("PAGE_CONFIG")
     )
     store = app.extensions["live_model"].store
-    app.extensions["trending"] = TrendingCache(live_model_events_client(app), store.keys.trending)
-    app.extensions["promotions"] = PromotionsCache(live_model_events_client(app), store.keys.promotions)
+    client = live_model_events_client(app)
+    app.extensions["trending"] = RedisValue(client, store.keys.trending, TRENDING_CACHE_SECONDS, _trending_ids, [])
+    app.extensions["promotions"] = RedisValue(client, store.keys.promotions, PROMOTIONS_CACHE_SECONDS, _promotions, {})
     app.register_blueprint(pages_api)
 
 
@@ -381,7 +371,7 @@ def home_page():
     fresh = live_model().fresh_history(model, user)
     extensions = current_app.extensions
     rows = build_page(
-        model, user, filters, exclude, fresh, current_app.config["PAGE"], extensions["trending"].ids(),
+        model, user, filters, exclude, fresh, current_app.config["PAGE"], extensions["trending"].get(),
         extensions["promotions"].get(),
     )  # fmt: skip
     return json_response({"user": user, "model_version": model.version, "rows": rows})

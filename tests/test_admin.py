@@ -415,7 +415,7 @@ def test_explorer_search_title_and_user_pages(admin):
     from models.rules import Filters
 
     app = client.application
-    trending = app.extensions["trending"].ids()
+    trending = app.extensions["trending"].get()
     rows = build_page(model, user, Filters(max_maturity=7, region="GB"), set(), (None, None), app.config["PAGE"], trending)
     kids = client.get(f"/admin/explore/user?user={user}&max_maturity=7&region=GB", headers=HTML).text
     assert 'id="home-page"' in kids and kids.count('class="page-row"') == len(rows) > 0

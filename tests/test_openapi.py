@@ -125,7 +125,7 @@ def test_the_id_pattern_says_exactly_what_the_service_accepts():
 
     from app.openapi import ID_PATTERN
 
-    def service_accepts(value: str) -> bool:  # app.api.id_param and models.data.validate_event_records
+    def service_accepts(value: str) -> bool:  # app.api.Query.id and models.data.validate_event_records
         value = value.strip()
         return 0 < len(value) <= 128 and not re.search(r"[\x00-\x1f\x7f]", value)
 

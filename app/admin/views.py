@@ -364,7 +364,7 @@ def user_page():
     )
     rows = build_page(
         model, user_id, filters, set(), (fresh_items, fresh_weights), current_app.config["PAGE"],
-        current_app.extensions["trending"].ids(), current_app.extensions["promotions"].get(),
+        current_app.extensions["trending"].get(), current_app.extensions["promotions"].get(),
     )  # fmt: skip
     return render_template(
         "admin/user.html",
