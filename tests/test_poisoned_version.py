@@ -112,3 +112,37 @@ def test_the_job_publishes_when_the_live_metadata_is_unreadable(redis_server, st
     live = store.live_version()
     assert live != bad and store.meta(live)["status"] == "live"
     assert [m["status"] for m in store.versions() if m["model_version"] == bad] == ["corrupt"]
+
+
+def test_a_worker_killed_while_the_live_version_is_poisoned_comes_back_on_the_fallback(
+    redis_server, store, trained_demo, tmp_path
+):
+    import os
+    import signal
+
+    from bench.harness import children_of
+
+    good = store.publish(trained_demo.parts, trained_demo.meta)
+    time.sleep(1.1)
+    bad = store.publish(trained_demo.parts, trained_demo.meta)
+    poison_part(store, bad)
+    user = json.loads(trained_demo.parts["users.json"])[0]
+    process, base = start_gunicorn(redis_server.url, store.keys.prefix, tmp_path / "cache")
+    try:
+        workers = children_of(process.pid)
+        os.kill(workers[0], signal.SIGKILL)  # the OOM killer, or an operator's kill -9
+        replaced = wait_until(lambda: len(set(children_of(process.pid)) - set(workers)) == 1, 30)
+        answers = []
+        for _ in range(200):
+            try:
+                answers.append(get(f"{base}/recommend?user={user}"))
+            except OSError as exc:  # a request that was in flight on the killed worker
+                answers.append((repr(exc), {}))
+        ready = get(f"{base}/readyz")
+    finally:
+        log = stop(process)
+    assert replaced, "gunicorn did not replace the killed worker"
+    assert [s for s, _ in answers] == [200] * 200
+    assert {b["model_version"] for _, b in answers} == {good}
+    assert ready[1]["status"] == "fallback" and ready[1]["model_version"] == good
+    assert "Traceback" not in log
