@@ -41,7 +41,7 @@ from flask import Blueprint, Flask, current_app
 
 from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_model
 from app.errors import json_response
-from models.recommender import ANNOY_CANDIDATES, SEQUENCE_CANDIDATES, Recommendation, Recommender, merge_history
+from models.recommender import ANNOY_CANDIDATES, POPULAR_CANDIDATES, SEQUENCE_CANDIDATES, Recommendation, Recommender, merge_history
 from models.rules import Filters
 
 log = logging.getLogger(__name__)
@@ -205,11 +205,10 @@ class PageBuilder:
     def scored_pool(self) -> tuple[np.ndarray, np.ndarray]:
         """The shared candidates of the page's ranked rows, scored once, best first (titles and scores)."""
         query, (seq_items, seq_values), nearest = self.terms
-        strongest = seq_items[np.argsort(-seq_values)[:SEQUENCE_CANDIDATES]].tolist()
-        pool = np.fromiter(
-            (i for i in dict.fromkeys([*nearest, *self.model.popular_head, *strongest]) if i not in self.seen and self.eligible[i]),
-            dtype=np.int64,
-        )
+        strongest = seq_items[np.argsort(-seq_values)[:SEQUENCE_CANDIDATES]]
+        pool = np.concatenate([np.asarray(nearest, dtype=np.int64), self.model.popular[:POPULAR_CANDIDATES], strongest])
+        pool = pool[np.sort(np.unique(pool, return_index=True)[1])]  # first occurrences, in order
+        pool = pool[self.eligible[pool] & ~np.isin(pool, self.history)]
         if len(pool) == 0:
             return pool, np.empty(0)
         scores = self.model.blended_scores(query, pool, seq_items, seq_values)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,8 @@ SEQUENCE_CANDIDATES = 50  # strongest watched-next titles re-scored alongside
 SEQUENCE_HISTORY = 2000  # history titles whose watched-next neighbours count (a whole published history)
 FILTERED_SEARCH = int(os.environ.get("FILTERED_SEARCH", "30"))  # Annoy nodes per tree for a filtered request's first pool
 EXACT_POOL = 5000  # filtered requests with at most this many eligible titles score them all exactly
+NEIGHBOURS = 100  # nearest titles of a title kept in a worker's cache (similar titles, "because you watched" rows)
+NEIGHBOUR_CACHE = int(os.environ.get("NEIGHBOUR_CACHE", "10000"))  # titles cached per worker: ~1 KB each
 
 
 @dataclass
@@ -93,6 +95,8 @@ class Recommender:
         # (batch ranking only); a published version always has both (ModelStore checks).
         self.rec_index = _annoy(folder / "recommend.ann", self.dim, "dot")
         self.sim_index = _annoy(folder / "similar.ann", self.dim, "angular")
+        # Viewers' recent titles are few and popular: their neighbour lists repeat across requests.
+        self.neighbours = lru_cache(maxsize=NEIGHBOUR_CACHE)(self._neighbours)
 
     @property
     def version(self) -> str:
@@ -215,7 +219,7 @@ class Recommender:
         if len(pool) == 0:
             return []
         scores = self.blended_scores(query, pool, seq_items, seq_values)
-        top = np.argsort(-scores, kind="stable")[:k]
+        top = top_k(scores, k)
         return list(zip(pool[top].tolist(), scores[top].tolist()))
 
     def recommend_from_history(
@@ -368,7 +372,7 @@ class Recommender:
         if len(pool) == 0:
             return []
         scores = self.blended_scores(query, pool, seq_items, seq_values)
-        top = np.argsort(-scores, kind="stable")[:k]
+        top = top_k(scores, k)
         return list(zip(pool[top].tolist(), scores[top].tolist()))
 
     def popular_items(self, k: int, exclude: set[int], eligible: np.ndarray | None = None) -> list[Recommendation]:
@@ -404,16 +408,17 @@ class Recommender:
         relevance = (scores - scores.min()) / spread if spread > 0 else np.ones(len(picked))
         unit = self._unit[np.array([p.item for p in picked])]
         similarity = unit @ unit.T
-        gain = (1 - diversity) * relevance
-        closest = np.zeros(len(picked))  # before the first pick nothing is taken: no penalty
+        gain = (1 - diversity) * relevance  # a taken title's gain becomes -inf
+        closest = None  # highest cosine to a taken title; before the first pick nothing is taken
         chosen: list[int] = []
-        available = np.ones(len(picked), dtype=bool)
-        for _ in range(min(k, len(picked))):
-            value = np.where(available, gain - diversity * closest, -np.inf)
-            best = int(np.argmax(value))
+        for _ in range(min(k, len(picked))):  # four small numpy calls a step: a row costs ~30 us
+            best = int((gain if closest is None else gain - diversity * closest).argmax())
             chosen.append(best)
-            available[best] = False
-            closest = similarity[best] if len(chosen) == 1 else np.maximum(closest, similarity[best])
+            gain[best] = -np.inf
+            if closest is None:
+                closest = similarity[best].copy()
+            else:
+                np.maximum(closest, similarity[best], out=closest)
         return [picked[n] for n in chosen]
 
     def similar(
@@ -421,11 +426,19 @@ class Recommender:
     ) -> list[tuple[int, float]]:
         """Nearest titles by cosine, never ``item`` itself; only ``eligible`` ones not in ``exclude``."""
         exclude = exclude or set()
-        n = k + 1 + len(exclude)
-        search_k = self.sim_index.get_n_trees() * max(100, 3 * (k + 1))  # nodes grow with k, not with exclude
-        while True:
+        if k + 1 <= NEIGHBOURS:
+            found, cosine = self.neighbours(item)
+            out = [
+                (i, c)
+                for i, c in zip(found.tolist(), cosine.tolist())
+                if i != item and i not in exclude and (eligible is None or eligible[i])
+            ][:k]
+            if len(out) == k or len(found) < NEIGHBOURS:
+                return out
+        n = max(k + 1 + len(exclude), 10 * NEIGHBOURS)  # the cached list was not enough: search wider
+        search_k = self.sim_index.get_n_trees() * max(100, 3 * (k + 1))
+        while n * 10 < self.n_items // 4:
             found, dist = self.sim_index.get_nns_by_item(item, n, search_k=max(search_k, n), include_distances=True)
-            # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
             out = [
                 (i, 1.0 - d * d / 2.0)
                 for i, d in zip(found, dist)
@@ -433,14 +446,30 @@ class Recommender:
             ][:k]
             if len(out) == k or len(found) < n:
                 return out
-            if n * 10 >= self.n_items // 4:
-                break
             n *= 10
         pool = np.flatnonzero(eligible) if eligible is not None else np.arange(self.n_items)  # exact
         pool = pool[(pool != item) & ~np.isin(pool, np.fromiter(exclude, dtype=np.int64))] if len(pool) else pool
         cosine = self._unit[pool] @ self._unit[item]
-        top = np.argsort(-cosine, kind="stable")[:k]
+        top = top_k(cosine, k)
         return list(zip(pool[top].tolist(), cosine[top].tolist()))
+
+
+    def _neighbours(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``NEIGHBOURS`` nearest titles of ``item`` by cosine (itself included when found) and their cosines."""
+        search_k = self.sim_index.get_n_trees() * 100
+        found, dist = self.sim_index.get_nns_by_item(item, NEIGHBOURS, search_k=search_k, include_distances=True)
+        # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
+        return np.array(found, dtype=np.int32), 1.0 - np.square(np.array(dist, dtype=np.float32)) / 2.0
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` highest scores, best first, ties by position: ``argsort(-scores, stable)[:k]``,
+    without sorting the whole array (a partition finds the k-th score; only those at or above it are sorted)."""
+    if len(scores) <= 4 * k:
+        return np.argsort(-scores, kind="stable")[:k]
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+    at_least = np.flatnonzero(scores >= kth)
+    return at_least[np.argsort(-scores[at_least], kind="stable")][:k]
 
 
 def _annoy(path: Path, dim: int, metric: str) -> AnnoyIndex | None:

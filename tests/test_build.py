@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from models.build import open_parts, precompute_candidates, recent_histories
+from models.recommender import NEIGHBOURS, top_k
 from models.data import Events, load_catalog, load_events
 from models.embeddings import ModelParams, confidence_matrix, prune_rows, sequence_neighbors
 
@@ -171,3 +172,36 @@ def test_precomputed_candidates_are_the_exact_served_ranking(trained_demo, tmp_p
         assert len(set(candidates[row].tolist()) & set(best.tolist())) >= 19
         assert candidates[row, 0] == best[0]
     recommender.close()
+
+
+@pytest.mark.parametrize("n", [1, 7, 40, 41, 500, 5000])
+@pytest.mark.parametrize("k", [1, 3, 10, 50])
+def test_top_k_is_the_stable_sort_head_with_ties(n, k):
+    rng = np.random.default_rng(n * 100 + k)
+    for scores in (rng.integers(0, 5, size=n).astype(float), rng.random(n)):  # heavy ties, then none
+        assert top_k(scores, k).tolist() == np.argsort(-scores, kind="stable")[:k].tolist()
+
+
+def test_similar_from_the_neighbour_cache_equals_a_fresh_search(trained_demo, tmp_path: Path):
+    """The worker's cached neighbour lists answer exactly what a search of the same width answers,
+    filtered and with exclusions, and fall back to a wider search when filters empty them."""
+    model = open_parts(trained_demo.parts, trained_demo.meta, tmp_path)
+    rng = np.random.default_rng(3)
+    eligible = rng.random(model.n_items) < 0.5
+    search_k = model.sim_index.get_n_trees() * 100
+    for item in rng.choice(model.n_items, 20, replace=False).tolist():
+        exclude = set(rng.choice(model.n_items, 5).tolist())
+        got = model.similar(item, 10, eligible, exclude)
+        found, dist = model.sim_index.get_nns_by_item(item, NEIGHBOURS, search_k=search_k, include_distances=True)
+        want = [i for i in found if i != item and i not in exclude and eligible[i]][:10]
+        if len(want) == 10:
+            assert [i for i, _ in got] == want
+        assert len(got) == min(10, int(eligible.sum()) - eligible[item] - len({e for e in exclude if eligible[e] and e != item}))
+        assert all(eligible[i] and i not in exclude and i != item for i, _ in got)
+    assert model.neighbours.cache_info().hits + model.neighbours.cache_info().misses >= 20
+    rare = np.zeros(model.n_items, dtype=bool)
+    rare[rng.choice(model.n_items, 12, replace=False)] = True  # too few for the cached list: the exact path
+    item = int(np.flatnonzero(~rare)[0])
+    got = model.similar(item, 10, rare)
+    cosine = model._unit[np.flatnonzero(rare)] @ model._unit[item]
+    assert [i for i, _ in got] == np.flatnonzero(rare)[np.argsort(-cosine, kind="stable")[:10]].tolist()
