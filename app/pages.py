@@ -41,7 +41,14 @@ from flask import Blueprint, Flask, current_app
 
 from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_model
 from app.errors import json_response
-from models.recommender import ANNOY_CANDIDATES, POPULAR_CANDIDATES, SEQUENCE_CANDIDATES, Recommendation, Recommender, merge_history
+from models.recommender import (
+    ANNOY_CANDIDATES,
+    POPULAR_CANDIDATES,
+    SEQUENCE_CANDIDATES,
+    Recommendation,
+    Recommender,
+    merge_history,
+)
 from models.rules import Filters
 
 log = logging.getLogger(__name__)

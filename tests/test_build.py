@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from models.build import open_parts, precompute_candidates, recent_histories
-from models.recommender import NEIGHBOURS, top_k
 from models.data import Events, load_catalog, load_events
 from models.embeddings import ModelParams, confidence_matrix, prune_rows, sequence_neighbors
+from models.recommender import NEIGHBOURS, top_k
 
 
 def random_events(seed: int, n_users: int = 40, n_items: int = 30, n_events: int = 900) -> Events:
