@@ -13,6 +13,8 @@ Configuration comes from the environment (defaults work on a laptop):
 ``LOG_USER_IDS``         1: keep user ids in logged query strings (default: replaced by a keyed hash)
 ``ADMIN_TOKEN``          secret that signs operators in to /admin (unset: the dashboard is off)
 ``SECRET_KEY``           signs session cookies (default: derived from ADMIN_TOKEN, see app.admin)
+``ONLINE_SECRET``        signs recommendation ids (default: one random secret kept in Redis)
+``ATTRIBUTION_WINDOW``   seconds after an impression in which a viewing is credited to it (86400)
 ``PROMETHEUS_MULTIPROC_DIR`` where gunicorn workers pool their metrics (see app.metrics)
 """
 
@@ -67,6 +69,10 @@ def create_app(config: dict | None = None) -> Flask:
     from app.openapi import openapi_api
 
     init_events(app)
+    from app.online import init_online
+
+    init_online(app)  # recommendation ids, POST /impressions, attribution
+    live.refresh_experiment()  # a running experiment is served from the first request
     from app.pages import init_pages
 
     init_pages(app)  # GET /page (PAGE_CONFIG)

@@ -7,6 +7,7 @@ import re
 from flask import Blueprint, current_app, request
 
 from app.errors import ApiError, json_response
+from app.online import stamp
 from models.recommender import Recommender
 from models.rules import FilterError, Filters
 
@@ -26,6 +27,14 @@ def serving_model() -> Recommender:
     if model is None:
         raise ApiError(503, "no model is published yet; run the nightly job (python -m jobs.nightly)")
     return model
+
+
+def serving_for(user: str) -> tuple[Recommender, str | None, str | None]:
+    """The version serving ``user`` (its experiment arm's, or the live one), the arm and the experiment id."""
+    model, arm, experiment = live_model().serving(user)
+    if model is None:
+        raise ApiError(503, "no model is published yet; run the nightly job (python -m jobs.nightly)")
+    return model, arm, experiment
 
 
 MAX_EXCLUDE_QUERY = 500  # exclude= ids in a query string; POST /recommend takes more
@@ -173,16 +182,15 @@ def scored_items(model: Recommender, recs) -> list[dict]:
 def recommend_answer(query: Query, max_exclude: int):
     user = query.id("user")
     k = query.k()
-    model = serving_model()
+    model, arm, experiment = serving_for(user)
     filters, exclude = query.filters(model, max_exclude)
     diversity = query.fraction("diversity")
     fresh_items, fresh_weights = live_model().fresh_history(model, user)
     pool = k if diversity == 0 else min(DIVERSITY_POOL * k, MAX_K * DIVERSITY_POOL)
     strategy, recs = model.recommend(user, pool, fresh_items, fresh_weights, filters=filters, exclude=exclude)
     recs = model.diversify(recs, k, diversity)
-    return json_response(
-        {"user": user, "model_version": model.version, "strategy": strategy, "items": scored_items(model, recs)}
-    )
+    body = {"user": user, "strategy": strategy, "items": scored_items(model, recs)}
+    return json_response(stamp(body, model.version, arm, experiment))
 
 
 @api.get("/recommend")
@@ -209,7 +217,7 @@ def similar():
     ids, titles = model.item_ids, model.titles
     found = model.similar(row, k, model.rules.eligible(filters), exclude)
     items = [{"item_id": ids[i], "title": titles[i], "score": round(s, 6)} for i, s in found]
-    return json_response({"item": item_id, "title": titles[row], "model_version": model.version, "items": items})
+    return json_response(stamp({"item": item_id, "title": titles[row], "items": items}, model.version, None, None))
 
 
 @api.get("/history")

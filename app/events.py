@@ -134,6 +134,10 @@ def _events_from_body() -> list:
 def post_events():
     records = _events_from_body()
     events, errors = validate_event_records(records)
+    if not errors:
+        from app.online import origins_of
+
+        origins, errors = origins_of(events)
     if errors:
         bad = len({e["index"] for e in errors})
         raise ApiError(
@@ -150,6 +154,9 @@ def post_events():
         log.warning("events store unavailable: %s", exc)
         return retry_later("the event store (Redis) is unavailable; nothing was stored: retry later", 1)
     current_app.extensions["live_model"].note_fresh({e.user_id for e in events})
+    from app.online import credit
+
+    credit(events, origins)  # viewings credited to what was shown (models.attribution)
     model = current_app.extensions["live_model"].current
     known = model.item_index if model is not None else {}
     not_in_model = sorted({e.item_id for e in events if e.item_id not in known})

@@ -20,9 +20,11 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import redis
 
 from app.metrics import LOAD_FAILURES, MODEL_FALLBACK
+from models.experiments import Experiment
 from models.live_events import EventLog, fresh_overlay
 from models.recommender import Recommender
 from models.store import ModelError, ModelStore
@@ -34,6 +36,13 @@ FRESH_RETRY_SECONDS = 1.0
 # A live version that does not load is tried again after this, doubling up to the maximum.
 RETRY_SECONDS = float(os.environ.get("MODEL_RETRY_SECONDS", "1"))
 RETRY_MAX_SECONDS = float(os.environ.get("MODEL_RETRY_MAX_SECONDS", "30"))
+
+
+class Running:
+    """The experiment this worker serves: its record and each arm's opened version."""
+
+    def __init__(self, experiment: Experiment, models: dict[str, Recommender]):
+        self.experiment, self.models = experiment, models
 
 
 class LiveModel:
@@ -50,6 +59,10 @@ class LiveModel:
         self.fresh_users: set[str] | None = None  # None = unknown: ask Redis on every request
         self.events: EventLog | None = None  # set by app.events.init_events (short-timeout client)
         self._fresh_retry_at = 0.0
+        self.running: Running | None = None  # the experiment served (models.experiments), if any
+        self.experiment_error: str | None = None
+        self._experiment_raw: bytes | None = None
+        self._experiment_retry_at = 0.0
         self._switch_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -83,6 +96,52 @@ class LiveModel:
         if not self.redis_ok:
             self.redis_ok = True
         return fresh_overlay(model, raw)
+
+    def serving(self, user_id: str) -> tuple[Recommender | None, str | None, str | None]:
+        """(model, arm, experiment id) for this user: the arm's version while an experiment runs, else the live one."""
+        running = self.running
+        if running is None:
+            return self.current, None, None
+        arm = running.experiment.assign(user_id)
+        return running.models[arm], arm, running.experiment.id
+
+    def refresh_experiment(self) -> None:
+        """Follow the experiment record: open every arm's version (memory-mapped, as the live one) or stop serving one.
+
+        An arm whose version does not load means this worker serves no
+        experiment (everyone gets the live version, ``arm`` null, so nothing is
+        miscounted) and tries again after ``RETRY_MAX_SECONDS``.
+        """
+        try:
+            raw = self.store.redis.get(self.store.keys.experiment)
+        except redis.RedisError as exc:
+            self._mark_redis_down(exc)
+            return  # keep serving what we have
+        if raw == self._experiment_raw and (raw is None or self.running is not None or time.monotonic() < self._experiment_retry_at):
+            return
+        if raw is None:
+            if self.running is not None:
+                log.info("experiment %s ended: serving the live version to everyone", self.running.experiment.name)
+            self.running, self._experiment_raw, self.experiment_error = None, None, None
+            return
+        self._experiment_raw = raw
+        try:
+            experiment = Experiment.from_record(orjson.loads(raw))
+            opened: dict[str, Recommender] = {}
+            have = {m.version: m for m in ([self.current] + list(self.running.models.values() if self.running else [])) if m}
+            for arm, spec in experiment.arms.items():
+                version = spec["version"]
+                if version not in have:
+                    have[version] = self._load(version)
+                opened[arm] = have[version]
+        except Exception as exc:
+            self.running = None
+            self.experiment_error = f"cannot serve the experiment: {exc!r}"
+            self._experiment_retry_at = time.monotonic() + RETRY_MAX_SECONDS
+            log.error("%s; serving the live version to everyone (next try in %.0f s)", self.experiment_error, RETRY_MAX_SECONDS)
+            return
+        self.running, self.experiment_error = Running(experiment, opened), None
+        log.info("serving experiment %s: %s", experiment.name, {a: s["version"] for a, s in experiment.arms.items()})
 
     def refresh(self) -> bool:
         """Serve the live version, or the best fallback while it cannot be loaded. True if it switched.
@@ -195,7 +254,8 @@ class LiveModel:
     def _forget_old_copies(self) -> None:
         try:
             kept = {meta["model_version"] for meta in self.store.versions()}
-            self.store.prune_cache(self.cache_dir, kept | {self.version})
+            arms = {m.version for m in self.running.models.values()} if self.running else set()
+            self.store.prune_cache(self.cache_dir, kept | {self.version} | arms)
         except redis.RedisError:
             pass
 
@@ -215,6 +275,7 @@ class LiveModel:
         while not self._stop.is_set():
             try:
                 self.refresh()
+                self.refresh_experiment()
             except Exception:  # the watcher must outlive any single failure
                 log.exception("model refresh failed")
             self._wake.wait(self.poll_seconds)

@@ -8,6 +8,10 @@ Owns the metric definitions:
 ``recs_recommendations_total{strategy}``              /recommend answers; ``strategy="popular"`` is the fallback
 ``recs_model_fallback{pid}``                          1 while a worker serves a fallback version (live one broken)
 ``recs_model_load_failures_total``                    failed attempts to load the live version
+``recs_online_{impressions,shown,clicks,viewings,completion}_total{version,arm}``
+    online results (models.attribution), from the counters kept in Redis; CTR =
+    clicks / impressions, watch-through = completion / viewings, over any window
+``recs_attribution_failures_total``                   accepted events that could not be credited (Redis error)
 ``recs_job_runs_total{status}``, ``recs_job_duration_seconds``, ``recs_job_last_success_timestamp_seconds``
     batch runs, from the counters :mod:`jobs.runs` keeps in Redis, so any web
     worker reports runs done by the scheduler, cron or the CLI.
@@ -131,6 +135,39 @@ class JobCollector:
             yield last
 
 
+class OnlineCollector:
+    """Impressions, clicks and watch-through per model version and experiment arm, read from Redis at scrape time."""
+
+    METRICS = {
+        "impressions": "Lists of titles shown (POST /impressions)",
+        "shown": "Titles shown, over all impressions",
+        "clicks": "First viewings of a shown title credited to its impression (attribution window)",
+        "viewings": "Viewings credited to an impression",
+        "completion": "Sum of the credited viewings' completion (watch seconds / episode length, at most 1)",
+    }
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        from models.attribution import totals
+
+        up = GaugeMetricFamily("recs_online_stats_up", "1 if the online counters could be read from Redis")
+        try:
+            counts = totals(self.store.redis, self.store.keys)
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        for metric, help_text in self.METRICS.items():
+            family = CounterMetricFamily(f"recs_online_{metric}", help_text, labels=["version", "arm"])
+            for (version, arm), values in sorted(counts.items()):
+                family.add_metric([version, arm], values.get(metric, 0.0))
+            yield family
+
+
 def service_registry() -> CollectorRegistry:
     """This server's request metrics: every worker's under gunicorn (multiprocess), else this process's."""
     registry = CollectorRegistry()
@@ -144,6 +181,7 @@ def service_registry() -> CollectorRegistry:
 def metrics_view() -> Response:
     registry = service_registry()
     registry.register(JobCollector(current_app.extensions["live_model"].store))
+    registry.register(OnlineCollector(current_app.extensions["live_model"].store))
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -39,8 +39,9 @@ import orjson
 import redis
 from flask import Blueprint, Flask, current_app
 
-from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_model
+from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_for
 from app.errors import json_response
+from app.online import stamp
 from models.recommender import (
     ANNOY_CANDIDATES,
     POPULAR_CANDIDATES,
@@ -372,7 +373,7 @@ def build_page(
 def home_page():
     query = Query.from_args()
     user = query.id("user")
-    model = serving_model()
+    model, arm, experiment = serving_for(user)
     filters, exclude = query.filters(model, MAX_EXCLUDE_QUERY)
     fresh = live_model().fresh_history(model, user)
     extensions = current_app.extensions
@@ -380,4 +381,4 @@ def home_page():
         model, user, filters, exclude, fresh, current_app.config["PAGE"], extensions["trending"].get(),
         extensions["promotions"].get(),
     )  # fmt: skip
-    return json_response({"user": user, "model_version": model.version, "rows": rows})
+    return json_response(stamp({"user": user, "rows": rows}, model.version, arm, experiment))

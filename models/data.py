@@ -590,6 +590,18 @@ class LiveEvent:
     item_id: str
     timestamp: int  # unix seconds
     watch_seconds: float | None = None
+    recommendation_id: str | None = None  # the answer that led to this viewing, if the client knows it
+
+
+@dataclass(frozen=True)
+class Impression:
+    """One list of titles shown to a user (``POST /impressions``), in the order shown."""
+
+    user_id: str
+    recommendation_id: str
+    items: tuple[str, ...]
+    timestamp: int  # unix seconds
+    row: str | None = None
 
 
 def _finite_number(value) -> float | None:
@@ -694,8 +706,70 @@ def validate_event_records(records: list) -> tuple[list[LiveEvent], list[dict]]:
                 problems.append(
                     ("watch_seconds", f"'watch_seconds' must be a number from 0 to {MAX_WATCH_SECONDS:.0f}")
                 )
+        rid = record.get("recommendation_id")
+        if rid is not None:
+            problem = _token_error("recommendation_id", rid)
+            if problem:
+                problems.append(("recommendation_id", problem))
         if problems:
             errors.extend({"index": index, "field": name, "error": text} for name, text in problems)
             continue
-        events.append(LiveEvent(user, item, seconds, watched))
+        events.append(LiveEvent(user, item, seconds, watched, rid))
     return events, errors[:MAX_RECORD_ERRORS]
+
+
+MAX_SHOWN = 500  # titles in one impression
+MAX_TOKEN_LENGTH = 256
+
+
+def _token_error(name: str, value) -> str | None:
+    if not isinstance(value, str) or not value or len(value) > MAX_TOKEN_LENGTH or _CONTROL.search(value):
+        return f"'{name}' must be a string of 1 to {MAX_TOKEN_LENGTH} characters without control characters"
+    return None
+
+
+def validate_impression_records(records: list) -> tuple[list[Impression], list[dict]]:
+    """Check impressions given as JSON objects (``POST /impressions``) by the rules of events.
+
+    ``user_id`` and each of ``items`` (1 to ``MAX_SHOWN`` title ids, in the order
+    shown) are ids as in events; ``recommendation_id`` is the string the
+    answer carried; ``timestamp`` as in events; ``row`` optional (a page row's
+    id). Returns the impressions and one ``{"index", "field", "error"}`` per
+    problem, stopping after ``MAX_RECORD_ERRORS``.
+    """
+    errors: list[dict] = []
+    out: list[Impression] = []
+    latest = latest_timestamp()
+    for index, record in enumerate(records):
+        if len(errors) >= MAX_RECORD_ERRORS:
+            break
+        if not isinstance(record, dict):
+            errors.append({"index": index, "field": None, "error": "an impression must be a JSON object"})
+            continue
+        problems = []
+        user = record.get("user_id")
+        user = user.strip() if isinstance(user, str) else user
+        problem = _id_error("user_id", user)
+        if problem:
+            problems.append(("user_id", problem))
+        rid = record.get("recommendation_id")
+        problem = "'recommendation_id' is required" if rid is None else _token_error("recommendation_id", rid)
+        if problem:
+            problems.append(("recommendation_id", problem))
+        items = record.get("items")
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_SHOWN:
+            problems.append(("items", f"'items' must be a list of 1 to {MAX_SHOWN} title ids, in the order shown"))
+        elif any(_id_error("items", i) for i in items):
+            problems.append(("items", f"every title id in 'items' must be a string of 1 to {MAX_ID_LENGTH} characters without control characters"))
+        row = record.get("row")
+        if row is not None and _token_error("row", row):
+            problems.append(("row", _token_error("row", row)))
+        stamp = record.get("timestamp")
+        seconds = None if stamp is None else _event_seconds(stamp, latest)
+        if seconds is None:
+            problems.append(("timestamp", "'timestamp' is required: unix seconds or ISO-8601, from 1970 up to a day from now"))
+        if problems:
+            errors.extend({"index": index, "field": name, "error": text} for name, text in problems)
+            continue
+        out.append(Impression(user, rid, tuple(i.strip() for i in items), seconds, row))
+    return out, errors[:MAX_RECORD_ERRORS]

@@ -315,6 +315,8 @@ def compact(store, archive_dir: str | Path | None) -> dict:
        file, fsynced, renamed, folder fsynced), and only then trimmed from the
        stream (``XTRIM MINID``). Without one the stream is not trimmed.
     3. Overlay lines at or below ``floor`` are removed (users left empty go).
+    4. Impressions older than the attribution window are archived and trimmed
+       (:func:`models.attribution.compact_impressions`).
 
     A crash at any point loses nothing and doubles nothing: the archive's
     newest id says where the stream starts (:func:`take_for_job`).
@@ -351,4 +353,9 @@ def compact(store, archive_dir: str | Path | None) -> dict:
             result["trimmed"] = int(store.redis.xtrim(store.keys.events_stream, minid=stream_id_after(f"{bound[0]}-{bound[1]}"), approximate=False))
     result["overlay_lines_removed"] = log.prune_fresh(floor)
     result["stream_length"] = int(store.redis.xlen(store.keys.events_stream))
+    # Impressions: counted when they arrived; trimmed (archived first) once no viewing can be credited to them.
+    from models.attribution import compact_impressions, forget_versions
+
+    result["impressions"] = compact_impressions(store.redis, store.keys, archive_dir)
+    forget_versions(store.redis, store.keys, {meta["model_version"] for meta in store.versions()})
     return result

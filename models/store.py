@@ -29,6 +29,19 @@ Live events (written by ``POST /events``, read by the service and the job; see
     {prefix}:events                     -> stream: accepted events (u, i, t, w); trimmed once archived (live_events.compact)
     {prefix}:fresh                      -> hash: user id -> that user's newest stream entries
 
+Online results and experiments (see :mod:`models.attribution` and :mod:`models.experiments`)::
+
+    {prefix}:online:secret              -> random key: signs recommendation ids, hashes user ids in key names
+    {prefix}:impressions                -> stream: accepted impressions (u, r, i, row, t); trimmed by compaction
+    {prefix}:shown:{user hash}          -> hash: title -> the latest impression that showed it (expires after the window)
+    {prefix}:online:hour:{hour}         -> hash: "version|arm|metric" -> count, for that UTC hour (kept 35 days)
+    {prefix}:online:users:{hour}:{version}|{arm} -> HyperLogLog of the users shown something that hour
+    {prefix}:online:totals              -> hash: "version|arm|metric" -> count since the start (/metrics counters)
+    {prefix}:experiment                 -> JSON: the running experiment (arms, shares, salt); absent when none runs
+    {prefix}:experiments                -> hash: experiment id -> JSON record (running and ended ones, newest 50 kept)
+    {prefix}:experiment:{id}:{arm}:users -> hash: user hash -> "impressions clicks completion viewings"
+    {prefix}:experiment:{id}:{arm}:sums -> hash: users and the sums, squares and products of those four (the test)
+
 Publishing writes every part, then the metadata, and only then moves the
 pointer (one SET, atomic). A reader verifies the checksum of what it fetched
 before using it, so a half-written or corrupted version is refused and the
@@ -197,6 +210,42 @@ class Keys:
         """JSON: titles operators pin into page rows, {row kind: {"items": [ids], "share"}} (app.pages)."""
         return f"{self.prefix}:promotions"
 
+    # -- online results and experiments (models.attribution, models.experiments) ---------
+    @property
+    def online_secret(self) -> str:
+        return f"{self.prefix}:online:secret"
+
+    @property
+    def impressions_stream(self) -> str:
+        return f"{self.prefix}:impressions"
+
+    def shown(self, user_digest: str) -> str:
+        return f"{self.prefix}:shown:{user_digest}"
+
+    def online_hour(self, hour: int) -> str:
+        return f"{self.prefix}:online:hour:{hour}"
+
+    def online_users(self, hour: int, version: str, arm: str) -> str:
+        return f"{self.prefix}:online:users:{hour}:{version}|{arm}"
+
+    @property
+    def online_totals(self) -> str:
+        return f"{self.prefix}:online:totals"
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.prefix}:experiment"
+
+    @property
+    def experiments(self) -> str:
+        return f"{self.prefix}:experiments"
+
+    def experiment_users(self, experiment_id: str, arm: str) -> str:
+        return f"{self.prefix}:experiment:{experiment_id}:{arm}:users"
+
+    def experiment_sums(self, experiment_id: str, arm: str) -> str:
+        return f"{self.prefix}:experiment:{experiment_id}:{arm}:sums"
+
     # The dashboard's server-side sessions and sign-in limits (app.admin.auth); names are hashes.
     def admin_session(self, digest: str) -> str:
         return f"{self.prefix}:admin:session:{digest}"
@@ -276,12 +325,13 @@ class ModelStore:
         self.redis.set(self.keys.meta(version), orjson.dumps(meta))
 
     def prune(self, keep: int = DEFAULT_KEEP) -> list[str]:
-        """Drop the oldest versions beyond ``keep``; never the live one."""
+        """Drop the oldest versions beyond ``keep``; never the live one, nor one a running experiment serves."""
         live = self.live_version()
+        serving = self.experiment_versions()
         ids = [v.decode() for v in self.redis.zrevrange(self.keys.versions, 0, -1)]
         dropped = []
         for version in ids[keep:]:
-            if version == live:
+            if version == live or version in serving:
                 continue
             self.delete(version)
             dropped.append(version)
@@ -325,6 +375,15 @@ class ModelStore:
         pipe.zrem(self.keys.versions, version)
         pipe.delete(*keys)
         pipe.execute()
+
+    def experiment_versions(self) -> set[str]:
+        """Versions the running experiment's arms serve (none when no experiment runs or its record is unreadable)."""
+        raw = self.redis.get(self.keys.experiment)
+        try:
+            record = orjson.loads(raw) if raw else {}
+            return {arm["version"] for arm in record.get("arms", {}).values()}
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            return set()
 
     # -- reading -----------------------------------------------------------------
     def live_version(self) -> str | None:
