@@ -5,6 +5,7 @@
     python -m jobs.experiments stop                 # everyone gets the live version again; results stay
     python -m jobs.experiments promote treatment    # that arm's version goes live (atomic switch), experiment ends
     python -m jobs.experiments list                 # kept experiments, newest first (JSON)
+    python -m jobs.experiments baseline VERSION     # publish a popularity-only twin of VERSION (not live), for an arm
 
 Every serving worker picks a start, stop or promote up within
 ``MODEL_POLL_SECONDS`` (at once by pub/sub), without a restart. Exit codes:
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote = commands.add_parser("promote", help="make an arm's version live and end the experiment")
     promote.add_argument("arm")
     commands.add_parser("list", help="kept experiments, newest first")
+    baseline = commands.add_parser("baseline", help="publish a popularity-only twin of a version (not live)")
+    baseline.add_argument("version")
     return parser
 
 
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             _print(experiments.stop(store))
         elif args.command == "promote":
             _print(experiments.promote(store, args.arm))
+        elif args.command == "baseline":
+            _print({"version": experiments.publish_baseline(store, args.version), "baseline_of": args.version})
         else:
             _print(experiments.history(store))
     except (experiments.ExperimentError, ModelError) as exc:

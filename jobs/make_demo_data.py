@@ -614,6 +614,35 @@ def _simulate(
     return viewings, catalog_frame
 
 
+@dataclass
+class TrueTastes:
+    """The simulated viewers' hidden tastes, for online simulations (bench/online.py): what a model should learn."""
+
+    favourites: np.ndarray  # int8 (users, 3), -1 padded
+    weights: np.ndarray  # float64 (users, 3), each row sums to 1 over the favourites
+    in_genre: np.ndarray  # bool (items, genres)
+    popularity: np.ndarray  # float64 (items,)
+    episode_seconds: np.ndarray  # int (items,)
+
+    def affinity(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """How much each user likes each title, 0..1: the taste weight of the user's favourite genres it has."""
+        fav = self.favourites[users]  # [n, 3]
+        hits = self.in_genre[np.asarray(items)[:, None], np.maximum(fav, 0)] & (fav >= 0)
+        return (hits * self.weights[users]).sum(axis=1)
+
+
+def true_tastes(users: int = DEFAULT_USERS, items: int = DEFAULT_ITEMS, events: int = DEFAULT_EVENTS,
+                seed: int = DEFAULT_SEED) -> TrueTastes:  # fmt: skip
+    """The tastes :func:`generate` used for these arguments (the same random streams), without the events."""
+    _check_sizes(users, items, events)
+    catalog_rng, users_rng, _ = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    catalog = _make_catalog(catalog_rng, items)
+    people = _make_users(users_rng, users, events)
+    cdf = people.taste_cdf.astype(np.float64)
+    weights = np.diff(np.concatenate([np.zeros((users, 1)), cdf], axis=1), axis=1) * (people.favourites >= 0)
+    return TrueTastes(people.favourites, weights, catalog.in_genre, catalog.popularity, catalog.episode_seconds)
+
+
 def _check_sizes(users: int, items: int, events: int) -> None:
     if users < 1 or items < 1:
         raise ValueError(f"users and items must be >= 1 (got users={users}, items={items})")

@@ -185,6 +185,17 @@ def promote(store: ModelStore, arm: str) -> dict:
     return stop(store, status="promoted", promoted=arm)
 
 
+def publish_baseline(store: ModelStore, version: str) -> str:
+    """Publish (not live) a popularity-only twin of ``version``: same catalogue and histories, and /recommend
+    answers every user with the most popular titles they have not seen. The arm that tells whether
+    personalisation pays at all."""
+    meta = store.meta(version)
+    store.verify(version, meta)
+    parts = {name: store.fetch_part(version, name, info) for name, info in meta["parts"].items()}
+    keep = {k: v for k, v in meta.items() if k not in ("parts", "checksum", "model_version", "stored_at", "created_at", "status", "activated_at")}
+    return store.write_version(parts, {**keep, "ranking": "popularity", "baseline_of": version})
+
+
 def history(store: ModelStore) -> list[dict]:
     """Every kept experiment record, newest first."""
     records = []

@@ -292,6 +292,8 @@ class Recommender:
         if len(items) == 0:
             return "popular", self.popular_items(k, exclude=exclude, eligible=eligible)
         seen = set(int(i) for i in items)
+        if self.meta.get("ranking") == "popularity":  # a popularity-only baseline (models.experiments.publish_baseline)
+            return "popular", self.popular_items(k, exclude=seen | exclude, eligible=eligible)
         row = self.user_index.get(user_id)
         fresh = fresh_items is not None and len(fresh_items) > 0
         picked, reasons = None, None

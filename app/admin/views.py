@@ -7,6 +7,7 @@ every few seconds; the same fragment template renders the first view.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 
@@ -20,6 +21,8 @@ from app.admin.charts import STATUS_COLOURS, Series, bar_chart, line_chart
 from app.pages import ROW_KINDS, build_page, check_promotions
 from jobs.runs import ACTIVE, get_run, list_runs, lock_ttl, queue_run, queued_requests, run_log
 from jobs.scheduler import scheduler_status
+from models import experiments as exp
+from models.attribution import hourly
 from models.data import MATURITY_AGES
 from models.recommender import merge_history
 from models.rules import ISO_REGIONS, Filters
@@ -424,3 +427,101 @@ def save_promotion():
         message += f" Not in the served model (shown once they are): {', '.join(unknown[:10])}."
     flash(message, "warn" if unknown else "ok")
     return redirect(url_for("admin.promotions"), 303)
+
+
+# -- experiments ----------------------------------------------------------------------------------------
+def experiment_series(found, buckets_of: int) -> dict:
+    """Per arm and time bucket: CTR and watch-through with 95 % intervals, from the hourly counts."""
+    first = int(found.started_at // 3600)
+    last = int((found.record.get("ended_at") or time.time()) // 3600)
+    hours = list(range(max(first, last - 24 * 60), last + 1))  # at most 60 days
+    tags = [(arm["version"], name) for name, arm in found.arms.items()]
+    counts = hourly(store().redis, store().keys, tags, hours)
+    labels, series = [], {name: {"ctr": [], "ctr_low": [], "ctr_high": [], "wt": [], "wt_low": [], "wt_high": []} for name in found.arms}
+    for start in range(0, len(hours), buckets_of):
+        labels.append(datetime.utcfromtimestamp(hours[start] * 3600).strftime("%m-%d %H:00" if buckets_of == 1 else "%m-%d"))
+        for version, name in tags:
+            rows = counts[(version, name)][start : start + buckets_of]
+            n = sum(r["impressions"] for r in rows)
+            c = sum(r["clicks"] for r in rows)
+            views = sum(r["viewings"] for r in rows)
+            done = sum(r["completion"] for r in rows)
+            done_sq = sum(r["completion_sq"] for r in rows)
+            s = series[name]
+            if n > 0:  # Wilson interval, impressions as trials (the decision uses users, see the table)
+                p, z = c / n, 1.959964
+                centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+                half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+                s["ctr"].append(p), s["ctr_low"].append(centre - half), s["ctr_high"].append(centre + half)
+            else:
+                s["ctr"].append(None), s["ctr_low"].append(None), s["ctr_high"].append(None)
+            if views > 1:
+                mean = done / views
+                sd = math.sqrt(max(done_sq / views - mean * mean, 0.0) * views / (views - 1))
+                half = 1.959964 * sd / math.sqrt(views)
+                s["wt"].append(mean), s["wt_low"].append(mean - half), s["wt_high"].append(mean + half)
+            else:
+                s["wt"].append(None), s["wt_low"].append(None), s["wt_high"].append(None)
+    return {"labels": labels, "series": series}
+
+
+@admin.get("/experiments")
+def experiments_page():
+    try:
+        mde = float(request.args.get("mde", "")) if request.args.get("mde") else None
+    except ValueError:
+        return admin_error(400, "mde must be a number, e.g. 0.05 for a 5 % lift")
+    if mde is not None and not 0 < mde < 10:
+        return admin_error(400, "mde must be above 0, e.g. 0.05 for a 5 % lift")
+    wanted = request.args.get("id") or None
+    found = exp.find(store(), wanted)
+    if wanted and found is None:
+        return admin_error(404, f"no kept experiment {wanted[:64]!r}")
+    status, charts = None, []
+    if found is not None:
+        if mde is not None:
+            found = exp.Experiment(found.id, found.name, found.started_at, found.salt, found.arms, found.control, mde, found.record)
+        status = exp.status(store(), found)
+        span_hours = ((found.record.get("ended_at") or time.time()) - found.started_at) / 3600
+        data = experiment_series(found, 1 if span_hours <= 72 else 24)
+        for key, label in (("ctr", "CTR (clicks / impressions)"), ("wt", "Watch-through (completion of credited viewings)")):
+            lines = []
+            for n, name in enumerate(sorted(found.arms)):
+                colour = ("#2563eb", "#f97316", "#16a34a", "#9333ea")[n % 4]
+                s = data["series"][name]
+                lines += [Series(name, s[key], colour), Series(f"{name} 95%", s[f"{key}_low"], colour, dashed=True),
+                          Series(f"{name} 95% ", s[f"{key}_high"], colour, dashed=True)]  # fmt: skip
+            charts.append(line_chart(f"{label}, per {'hour' if span_hours <= 72 else 'day'}, with 95 % intervals", data["labels"], lines, width=1100))
+    kept = [v for v in store().versions() if v.get("status") != "corrupt"]
+    return render_template(
+        "admin/experiments.html", status=status, charts=charts, past=exp.history(store()), versions=kept,
+        running=exp.current(store()), live_version=store().live_version(), default_mde=exp.DEFAULT_MDE,
+    )  # fmt: skip
+
+
+@admin.post("/experiments")
+def experiment_action():
+    action = request.form.get("action", "")
+    try:
+        if action == "start":
+            share = float(request.form.get("share", "0.5"))
+            mde = float(request.form.get("mde", str(exp.DEFAULT_MDE)))
+            arms = [("control", request.form.get("control", ""), 1 - share), ("treatment", request.form.get("treatment", ""), share)]
+            started = exp.start(store(), request.form.get("name", "").strip(), arms, mde=mde)
+            message = f"Experiment {started.name!r} started; workers serve its arms within seconds."
+        elif action == "stop":
+            exp.stop(store())
+            message = "Experiment stopped: everyone gets the live version again. Its results stay below."
+        elif action == "promote":
+            arm = request.form.get("arm", "")
+            record = exp.promote(store(), arm)
+            message = f"Arm {arm!r} promoted: version {record['arms'][arm]['version']} is live; the experiment has ended."
+        else:
+            return admin_error(400, "unknown action; use start, stop or promote")
+    except ValueError as exc:  # ExperimentError, and a share or mde that is not a number
+        return admin_error(400, str(exc))
+    except ModelError as exc:
+        return admin_error(409, str(exc))
+    current_app.logger.warning("admin experiment %s from %s: %s", action, request.remote_addr, message)
+    flash(message, "ok")
+    return redirect(url_for("admin.experiments_page"), 303)
