@@ -39,6 +39,7 @@ bench: venv
 	$(PY) bench/serve.py
 	$(PY) bench/train_scale.py
 	$(PY) bench/events.py
+	$(PY) bench/online.py
 
 bench-quality: venv
 	$(PY) bench/quality.py

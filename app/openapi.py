@@ -87,6 +87,15 @@ FILTER_BODY = {
 NO_MODEL = _error("no model is published yet")
 BAD_PARAMS = _error("a parameter is missing, repeated, too long, has control characters or is out of range")
 
+ANSWER_ORIGIN = {
+    "recommendation_id": {
+        "type": "string",
+        "description": "signed id of this answer: send it back with POST /impressions (and, if known, on the events it led to)",
+    },
+    "model_version": {"type": "string"},
+    "arm": {"type": ["string", "null"], "description": "the experiment arm that served this user; null when no experiment runs"},
+}
+
 SCHEMAS = {
     "Error": {
         "type": "object",
@@ -133,6 +142,28 @@ SCHEMAS = {
                 "maximum": 86400,
                 "description": "seconds watched, if known (one viewing lasts at most a day)",
             },
+            "recommendation_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 256,
+                "description": "the answer this viewing came from, if the client knows it (else the latest impression "
+                "that showed this title to this user within ATTRIBUTION_WINDOW is credited)",
+            },
+        },
+    },
+    "Impression": {
+        "type": "object",
+        "description": "one list of titles shown to a user, in the order shown",
+        "required": ["user_id", "recommendation_id", "items", "timestamp"],
+        "properties": {
+            "user_id": ID_SCHEMA,
+            "recommendation_id": {"type": "string", "minLength": 1, "maxLength": 256, "description": "from the answer shown"},
+            "items": {"type": "array", "minItems": 1, "maxItems": 500, "items": ID_SCHEMA},
+            "row": {"type": "string", "minLength": 1, "maxLength": 256, "description": "the page row's id, if a row of /page"},
+            "timestamp": {
+                "description": "when it was shown: unix seconds or ISO-8601, up to one day from now",
+                "oneOf": [{"type": "number", "minimum": 0}, {"type": "string", "minLength": 1, "maxLength": 64}],
+            },
         },
     },
     "ScoredTitle": {
@@ -155,10 +186,10 @@ SCHEMAS = {
     },
     "Recommendations": {
         "type": "object",
-        "required": ["user", "model_version", "strategy", "items"],
+        "required": ["recommendation_id", "model_version", "arm", "user", "strategy", "items"],
         "properties": {
+            **ANSWER_ORIGIN,
             "user": {"type": "string"},
-            "model_version": {"type": "string"},
             "strategy": {"type": "string", "enum": ["personalized", "popular"]},
             "items": {"type": "array", "items": {"$ref": "#/components/schemas/ScoredTitle"}},
         },
@@ -197,10 +228,10 @@ PATHS = {
                     "rows in order",
                     {
                         "type": "object",
-                        "required": ["user", "model_version", "rows"],
+                        "required": ["recommendation_id", "model_version", "arm", "user", "rows"],
                         "properties": {
+                            **ANSWER_ORIGIN,
                             "user": {"type": "string"},
-                            "model_version": {"type": "string"},
                             "rows": {
                                 "type": "array",
                                 "items": {
@@ -231,11 +262,11 @@ PATHS = {
                     "similar titles",
                     {
                         "type": "object",
-                        "required": ["item", "title", "model_version", "items"],
+                        "required": ["recommendation_id", "model_version", "arm", "item", "title", "items"],
                         "properties": {
+                            **ANSWER_ORIGIN,
                             "item": {"type": "string"},
                             "title": {"type": "string"},
-                            "model_version": {"type": "string"},
                             "items": {"type": "array", "items": {"$ref": "#/components/schemas/ScoredTitle"}},
                         },
                     },
@@ -338,6 +369,39 @@ PATHS = {
                 "413": _error("the body is larger than MAX_BODY_BYTES (chunked bodies too); nothing stored"),
                 "415": _error("the body is not JSON"),
                 "503": _error("Redis cannot take the events now (down, or full); nothing was accepted; see Retry-After"),
+            },
+        }
+    },
+    "/impressions": {
+        "post": {
+            "summary": "Report what was shown (one impression or a batch of up to 1000): the basis of CTR and experiments",
+            "description": (
+                "All or nothing, validated like events (400 with per-row errors); a recommendation_id this service "
+                "did not issue is refused. Stored in Redis (a stream, compacted with the events); a viewing of a "
+                "shown title by the same user within ATTRIBUTION_WINDOW is credited to the latest impression that "
+                "showed it. Same authorization as POST /events."
+            ),
+            "security": [{}, {"bearer": []}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/Impression"},
+                                {"type": "array", "minItems": 1, "maxItems": 1000, "items": {"$ref": "#/components/schemas/Impression"}},
+                            ]
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json("stored and counted", {"type": "object", "required": ["accepted"], "properties": {"accepted": {"type": "integer", "minimum": 1}}}),
+                "400": _json("bad JSON or invalid impressions; nothing stored", {"$ref": "#/components/schemas/EventErrors"}),
+                "401": _error("EVENTS_TOKEN is set and the request has no bearer token, or a wrong one"),
+                "413": _error("the body is larger than MAX_BODY_BYTES; nothing stored"),
+                "415": _error("the body is not JSON"),
+                "503": _error("Redis cannot take the impressions now; nothing was stored; see Retry-After"),
             },
         }
     },

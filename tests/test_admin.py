@@ -455,3 +455,38 @@ def test_promotions_from_the_dashboard_lead_their_row_at_once_under_the_filters(
     assert bad.status_code == 400
     assert client.post("/admin/promotions", data={"csrf_token": csrf, "kind": "top_picks", "items": ""}).status_code == 303
     assert all("reason" not in i for i in client.get(f"/page?user={user}").get_json()["rows"][0]["items"])
+
+
+# -- experiments (issue 13) --------------------------------------------------------------------------------
+def test_experiment_page_starts_shows_charts_and_promotes(admin, store, versions):
+    client, csrf = admin
+    older, newer = versions
+    page = client.get("/admin/experiments", headers=HTML)
+    assert page.status_code == 200 and "No experiment is running" in page.text and 'id="start-experiment"' in page.text
+    bad = client.post("/admin/experiments", data={"csrf_token": csrf, "action": "start", "name": "x", "control": newer, "treatment": "nope", "share": "0.5"})
+    assert bad.status_code == 400 and "not a kept version" in bad.get_json()["error"]
+    started = client.post(
+        "/admin/experiments",
+        data={"csrf_token": csrf, "action": "start", "name": "dash test", "control": newer, "treatment": older, "share": "0.5", "mde": "0.05"},
+    )
+    assert started.status_code == 303
+    live = client.application.extensions["live_model"]
+    live.refresh_experiment()
+    now = int(time.time())
+    for user in live.current.user_ids[:30]:
+        answer = client.get(f"/recommend?user={user}").get_json()
+        shown = [i["item_id"] for i in answer["items"]]
+        assert client.post("/impressions", json={"user_id": user, "recommendation_id": answer["recommendation_id"], "items": shown, "timestamp": now}).status_code == 200
+        client.post("/events", json={"user_id": user, "item_id": shown[0], "timestamp": now + 5})
+    page = client.get("/admin/experiments?mde=0.1", headers=HTML)
+    assert page.status_code == 200
+    assert "dash test" in page.text and page.text.count("<svg") == 2  # CTR and watch-through over time
+    impressions = re.findall(r'<tr data-arm="(\w+)"><td>\w+</td><td><code>[^<]+</code></td><td>[^<]+</td>\s*<td>(\d+)</td><td>(\d+)</td>', page.text)
+    assert sum(int(n) for _, _, n in impressions) == 30
+    assert "10.0%" in page.text or "10 %" in page.text or "10%" in page.text  # the chosen minimum effect
+    assert client.get("/admin/experiments?mde=abc", headers=HTML).status_code == 400
+    promoted = client.post("/admin/experiments", data={"csrf_token": csrf, "action": "promote", "arm": "treatment"})
+    assert promoted.status_code == 303 and store.live_version() == older
+    page = client.get("/admin/experiments", headers=HTML)
+    assert "No experiment is running" in page.text and "promoted" in page.text
+    assert client.post("/admin/experiments", data={"csrf_token": csrf, "action": "stop"}).status_code == 400
