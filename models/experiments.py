@@ -42,6 +42,7 @@ ALPHA = 0.05
 POWER = 0.8
 DEFAULT_MDE = 0.05  # the smallest relative lift worth detecting (5 %)
 HISTORY_KEPT = 50
+RESULTS_DAYS = 35  # an ended experiment's per-user counts are kept this long
 METRICS = {"ctr": ("c", "n"), "watch_through": ("w", "v")}  # numerator, denominator of each ratio metric
 
 
@@ -118,6 +119,8 @@ def start(
     running = current(store)
     if running is not None:
         raise ExperimentError(f"experiment {running.name!r} is running; stop or promote it first (one at a time)")
+    if store.redis.exists(store.keys.experiment):
+        raise ExperimentError("the running experiment's record in Redis is unreadable; 'stop' removes it")
     if len(arms) < 2:
         raise ExperimentError("an experiment needs at least two arms")
     if not 0 < mde < 10:
@@ -162,6 +165,9 @@ def stop(store: ModelStore, status: str = "stopped", promoted: str | None = None
     """End the running experiment (every user gets the live version again); its record and counts stay readable."""
     running = current(store)
     if running is None:
+        if store.redis.delete(store.keys.experiment):  # a record nobody can read: nothing is being split
+            store.redis.publish(store.keys.live_channel, "experiment")
+            return {"status": "removed", "reason": "the experiment record was unreadable"}
         raise ExperimentError("no experiment is running")
     record = {**running.record, "status": status, "ended_at": time.time() if now is None else now}
     if promoted:
@@ -169,6 +175,9 @@ def stop(store: ModelStore, status: str = "stopped", promoted: str | None = None
     pipe = store.redis.pipeline(transaction=True)
     pipe.delete(store.keys.experiment)
     pipe.hset(store.keys.experiments, running.id, orjson.dumps(record))
+    for arm in running.arms:  # the results stay readable for RESULTS_DAYS after the end, then go
+        pipe.expire(store.keys.experiment_users(running.id, arm), RESULTS_DAYS * 86400)
+        pipe.expire(store.keys.experiment_sums(running.id, arm), RESULTS_DAYS * 86400)
     pipe.publish(store.keys.live_channel, "experiment")
     pipe.execute()
     return record

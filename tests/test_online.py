@@ -345,3 +345,32 @@ def test_cli_status_without_experiment_is_a_clear_refusal(redis_server, store):
     code, _, err = run_cli(redis_server, "test", "status")
     assert code == 2 and "no experiment is running" in err
     assert experiments_cli.main(["--redis-url", "redis://127.0.0.1:1/0", "status"]) == 1
+
+
+def test_an_unreadable_experiment_record_splits_nobody_and_stop_removes_it(client, store, versions):
+    store.redis.set(store.keys.experiment, b"{not json")
+    live = client.application.extensions["live_model"]
+    live.refresh_experiment()
+    answer = client.get(f"/recommend?user={live.current.user_ids[0]}")
+    assert answer.status_code == 200 and answer.get_json()["arm"] is None
+    with pytest.raises(experiments.ExperimentError, match="unreadable"):
+        experiments.start(store, "x", [("control", versions[0], 0.5), ("t", versions[1], 0.5)])
+    assert experiments.stop(store)["status"] == "removed"
+    assert not store.redis.exists(store.keys.experiment)
+    experiments.start(store, "x", [("control", versions[0], 0.5), ("t", versions[1], 0.5)])
+    record = experiments.stop(store)
+    assert record["status"] == "stopped"
+    assert 0 < store.redis.ttl(store.keys.experiment_sums(record["id"], "control")) or not store.redis.exists(
+        store.keys.experiment_sums(record["id"], "control")
+    )
+
+
+def test_an_arm_whose_version_vanished_is_not_served_and_nothing_is_miscounted(client, store, versions):
+    first, second = versions
+    experiments.start(store, "gone", [("control", second, 0.5), ("treatment", first, 0.5)])
+    store.delete(first)  # an operator removed it by hand
+    live = client.application.extensions["live_model"]
+    live.refresh_experiment()
+    assert live.running is None and "cannot serve the experiment" in live.experiment_error
+    answer = client.get(f"/recommend?user={live.current.user_ids[0]}").get_json()
+    assert answer["arm"] is None and answer["model_version"] == second
