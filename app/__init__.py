@@ -13,6 +13,7 @@ Configuration comes from the environment (defaults work on a laptop):
 ``LOG_USER_IDS``         1: keep user ids in logged query strings (default: replaced by a keyed hash)
 ``ADMIN_TOKEN``          secret that signs operators in to /admin (unset: the dashboard is off)
 ``SECRET_KEY``           signs session cookies (default: derived from ADMIN_TOKEN, see app.admin)
+``SEARCH_ENCODER``       preload | lazy | off: when a worker loads the query encoder of GET /search (lazy)
 ``ONLINE_SECRET``        signs recommendation ids (default: one random secret kept in Redis)
 ``ATTRIBUTION_WINDOW``   seconds after an impression in which a viewing is credited to it (86400)
 ``PROMETHEUS_MULTIPROC_DIR`` where gunicorn workers pool their metrics (see app.metrics)
@@ -76,6 +77,9 @@ def create_app(config: dict | None = None) -> Flask:
     from app.pages import init_pages
 
     init_pages(app)  # GET /page (PAGE_CONFIG)
+    from app.search import init_search
+
+    init_search(app)  # GET /search (SEARCH_ENCODER)
     app.register_blueprint(api)
     app.register_blueprint(events_api)
     app.register_blueprint(openapi_api)

@@ -18,9 +18,11 @@ catalog  ``item_id``, ``title``, ``kind`` ("show"/"film"), ``genres``
          ``available_from``/``available_until``, ``added_at`` (see
          :func:`_catalog_rules`).
 
-The data has structure a recommender can learn: titles have 1-3 of 18 genres
-and a Zipf-like popularity; each user has 1-3 favourite genres and a
-heavy-tailed activity level; most picks come from the favourite genres; shows
+The data has structure a recommender can learn: titles have 1-3 of 18 genres,
+one or two of 24 themes (told in a ``description`` synopsis, in varied words)
+and a Zipf-like popularity; each user has 1-3 favourite genres, one or two
+favourite themes and a heavy-tailed activity level; most picks come from the
+favourite genres, and within them many from the favourite themes; shows
 are binged (consecutive episodes one episode length apart, sessions repeated
 over days), films are watched once, occasionally twice; viewings are abandoned
 early more often for titles outside the user's tastes.
@@ -71,6 +73,44 @@ GENRES = (
 GENRE_WEIGHTS = np.array(
     [1.6, 0.9, 0.7, 2.4, 1.4, 0.8, 3.0, 0.7, 0.8, 0.4, 0.9, 0.3, 0.9, 1.3, 1.0, 1.6, 0.3, 0.25]
 )
+
+# Themes: what a title is about beyond its genres. Each title has one or two, each viewer one or
+# two favourites, and picks within a favourite genre lean to a favourite theme (THEME_PULL), so a
+# synopsis carries taste signal that genre tags do not. Each theme has several phrasings, so no
+# single word gives it away.
+THEMES = {
+    "heist": ("a daring heist", "a vault robbery timed to the second", "a crew of safecrackers planning one last job", "thieves after a priceless diamond"),
+    "space": ("a voyage between distant stars", "astronauts stranded aboard a failing station", "a colony on a frozen moon", "the crew of a starship far from Earth"),
+    "courtroom": ("a trial that divides the nation", "a young lawyer defending the indefensible", "jurors locked in deliberation", "a judge with a secret"),
+    "village": ("a sleepy village where everyone knows everyone", "a rural community shaken by a stranger", "life on the main street of a tiny town", "neighbours in a quiet farming hamlet"),
+    "royalty": ("intrigue at a royal court", "a princess who refuses the throne", "rival heirs to an ancient crown", "the king's most trusted adviser"),
+    "sea": ("a fishing boat caught in a storm", "divers exploring a sunken wreck", "a lighthouse keeper on a lonely coast", "sailors lost far from any harbour"),
+    "sleuth": ("a weary inspector chasing a killer", "a private eye with one last case", "clues hidden in a bundle of old letters", "an amateur investigator and a locked-room puzzle"),
+    "kin": ("three generations under one roof", "siblings reunited for a funeral", "a father learning to raise his daughter alone", "a family business on the brink"),
+    "kitchen": ("a chef fighting for her restaurant", "recipes passed down from a grandmother", "a food truck crossing the country", "rivalry among cooks in a busy kitchen"),
+    "sport": ("an underdog team chasing the championship", "a boxer's comeback", "a coach who believes in misfits", "the final season of a star athlete"),
+    "front": ("soldiers behind enemy lines", "a nurse at the front", "resistance fighters in an occupied city", "the last days of a long war"),
+    "stage": ("a band on its first tour", "a pianist preparing for the competition of her life", "a singer discovered in a small bar", "an orchestra on the edge of bankruptcy"),
+    "campus": ("the last year of high school", "a new teacher at a troubled school", "friends at a strict boarding school", "a mystery among university students"),
+    "wild": ("lost in the wilderness with no supplies", "survivors of a plane crash in the mountains", "a hiker trapped by a blizzard", "castaways on a deserted island"),
+    "loop": ("a machine that sends her back ten years", "a man reliving the same day again and again", "letters arriving from the future", "a fold in time nobody else notices"),
+    "power": ("a campaign for the presidency", "a scandal in parliament", "a spy inside the ministry", "a struggle for control of the capital"),
+    "haunt": ("a house with a dark past", "whispers in an abandoned asylum", "a ghost who will not leave", "strange noises in the old manor"),
+    "road": ("two strangers sharing a long drive", "a journey across the desert in an old van", "a cross-country trip to scatter ashes", "friends on the highway with no plan"),
+    "ward": ("doctors in an overwhelmed emergency room", "a surgeon facing an impossible choice", "an outbreak spreading through the city", "nurses on the night shift"),
+    "android": ("an artificial mind that wants to be free", "robots working alongside people", "a programmer and her creation", "a city run by algorithms"),
+    "syndicate": ("a crime family's rise and fall", "an informant inside the syndicate", "a boss planning his succession", "debts owed to dangerous people"),
+    "gallery": ("a forger copying the old masters", "a painter's final exhibition", "a stolen sculpture and a shady art dealer", "students at a famous art academy"),
+    "ruins": ("an expedition to a lost temple", "archaeologists unearthing an ancient city", "a map leading to forgotten ruins", "treasure hunters deep in the jungle"),
+    "vengeance": ("a woman returning to settle old scores", "a betrayal that demands payback", "a long-planned act of vengeance", "a brother seeking justice for his sister"),
+}
+THEME_NAMES = tuple(THEMES)
+THEME_PULL = 0.6  # share of a viewer's in-genre picks that also match one of her favourite themes
+TONES = (
+    "A story of courage and doubt.", "Told over one unforgettable summer.", "Nothing is what it seems.",
+    "Funny, tender and sharp.", "Every choice has a price.", "Based on a true story.", "Old friendships are tested.",
+    "A slow burn with a shocking end.", "Loyalties shift by the hour.", "Hope survives in unlikely places.",
+)  # fmt: skip
 
 # Catalogue shape.
 SHOW_SHARE = 0.35
@@ -158,6 +198,40 @@ class _Users:
     taste_cdf: np.ndarray  # float32 (users, 3), cumulative weight over favourites
     favourite_share: np.ndarray  # float32, share of picks from favourite genres
     budget: np.ndarray  # int64, events of each user; sums to the requested total
+
+
+@dataclass
+class _Themes:
+    """What each title is about and what each viewer likes, beyond genres (-1 padded)."""
+
+    of_title: np.ndarray  # int8 (items, 2)
+    of_user: np.ndarray  # int8 (users, 2)
+    synopsis: np.ndarray  # str (items,)
+
+
+def _make_themes(rng: np.random.Generator, catalog: _Catalog, n_users: int) -> _Themes:
+    n, k = len(catalog.title), len(THEME_NAMES)
+    title_rng, user_rng = (np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(2))  # titles: items only
+    of_title = np.full((n, 2), -1, dtype=np.int8)
+    of_title[:, 0] = title_rng.integers(0, k, n)
+    second = title_rng.random(n) < 0.5
+    of_title[second, 1] = (of_title[second, 0] + title_rng.integers(1, k, int(second.sum()))) % k
+    phrase = title_rng.integers(0, 4, (n, 2))
+    tone = title_rng.integers(0, len(TONES), n)
+    opener = title_rng.integers(0, 3, n)
+    of_user = np.full((n_users, 2), -1, dtype=np.int8)
+    of_user[:, 0] = user_rng.integers(0, k, n_users)
+    second = user_rng.random(n_users) < 0.5
+    of_user[second, 1] = (of_user[second, 0] + user_rng.integers(1, k, int(second.sum()))) % k
+    synopsis = []
+    for row in range(n):
+        kind = "series" if catalog.is_show[row] else "film"
+        first = THEMES[THEME_NAMES[of_title[row, 0]]][phrase[row, 0]]
+        about = (f"A {kind} about {first}", f"This {kind} follows {first}", f"{first[0].upper()}{first[1:]}")[opener[row]]
+        if of_title[row, 1] >= 0:
+            about += f", and {THEMES[THEME_NAMES[of_title[row, 1]]][phrase[row, 1]]}"
+        synopsis.append(f"{about}. {TONES[tone[row]]}")
+    return _Themes(of_title, of_user, np.array(synopsis, dtype=object))
 
 
 @dataclass
@@ -372,12 +446,24 @@ def _make_users(rng: np.random.Generator, n_users: int, n_events: int) -> _Users
 class _TitlePicker:
     """Draws titles for (user, explore) pairs: favourite genre by taste, then title by popularity."""
 
-    def __init__(self, catalog: _Catalog, users: _Users):
+    def __init__(self, catalog: _Catalog, users: _Users, themes: _Themes):
         self.catalog = catalog
         self.users = users
+        self.themes = themes
         self.pools = [np.flatnonzero(catalog.in_genre[:, g]) for g in range(len(GENRES))]
         self.cdfs = [np.cumsum(catalog.popularity[pool]) for pool in self.pools]
         self.global_cdf = np.cumsum(catalog.popularity)
+        has_theme = np.zeros((len(catalog.title), len(THEME_NAMES)), dtype=bool)
+        for slot in range(2):
+            rows = np.flatnonzero(themes.of_title[:, slot] >= 0)
+            has_theme[rows, themes.of_title[rows, slot]] = True
+        # Titles of genre g about theme t, by popularity (pairs with no title are absent).
+        self.theme_pools: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for g in range(len(GENRES)):
+            for t in range(len(THEME_NAMES)):
+                pool = np.flatnonzero(catalog.in_genre[:, g] & has_theme[:, t])
+                if len(pool):
+                    self.theme_pools[(g, t)] = (pool, np.cumsum(catalog.popularity[pool]))
 
     @staticmethod
     def _draw(rng: np.random.Generator, cdf: np.ndarray, n: int) -> np.ndarray:
@@ -396,6 +482,16 @@ class _TitlePicker:
                 genre[where] = -1
         where = np.flatnonzero(genre == -1)
         item[where] = self._draw(rng, self.global_cdf, len(where))
+        # Within a favourite genre, a share of picks go to titles about a favourite theme as well.
+        themed = np.flatnonzero((genre >= 0) & (rng.random(len(user)) < THEME_PULL))
+        if len(themed):
+            favourite = self.themes.of_user[user[themed]]
+            slot = np.where((favourite[:, 1] >= 0) & (rng.random(len(themed)) < 0.5), 1, 0)
+            theme = favourite[np.arange(len(themed)), slot]
+            for (g, t), (pool, cdf) in self.theme_pools.items():
+                at = themed[(genre[themed] == g) & (theme == t)]
+                if len(at):
+                    item[at] = pool[self._draw(rng, cdf, len(at))]
         return item
 
     def in_taste(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
@@ -466,7 +562,7 @@ def _pick_new_titles(
 
 
 def _engagements(
-    rng: np.random.Generator, catalog: _Catalog, users: _Users, log: _Progress
+    rng: np.random.Generator, catalog: _Catalog, users: _Users, themes: _Themes, log: _Progress
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(user, title) engagements whose viewing counts add up to each user's budget exactly.
 
@@ -476,7 +572,7 @@ def _engagements(
     users still short get another round. Returns user, item, length, in_taste.
     """
     n_items = len(catalog.title)
-    picker = _TitlePicker(catalog, users)
+    picker = _TitlePicker(catalog, users, themes)
     remaining = users.budget.copy()
     seen: list[np.ndarray] = []
     parts: list[tuple[np.ndarray, ...]] = []
@@ -603,13 +699,15 @@ def _simulate(
 ) -> tuple[_Events, pd.DataFrame]:
     _check_sizes(users, items, events)
     # Independent streams: the catalogue depends only on (items, seed).
-    catalog_rng, users_rng, events_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    catalog_rng, users_rng, events_rng, themes_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     catalog = _make_catalog(catalog_rng, items)
+    themes = _make_themes(themes_rng, catalog, users)
     catalog_frame = _catalog_frame(catalog, catalog_rng)
-    log(f"catalogue: {items:,} titles ({int(catalog.is_show.sum()):,} shows)")
+    catalog_frame["description"] = pd.array(themes.synopsis, dtype="string")
+    log(f"catalogue: {items:,} titles ({int(catalog.is_show.sum()):,} shows) with synopses")
     people = _make_users(users_rng, users, events)
     log(f"users: {users:,} with tastes and activity levels")
-    engagements = _engagements(events_rng, catalog, people, log)
+    engagements = _engagements(events_rng, catalog, people, themes, log)
     viewings = _viewings(events_rng, catalog, *engagements, log)
     return viewings, catalog_frame
 
@@ -623,24 +721,33 @@ class TrueTastes:
     in_genre: np.ndarray  # bool (items, genres)
     popularity: np.ndarray  # float64 (items,)
     episode_seconds: np.ndarray  # int (items,)
+    title_themes: np.ndarray  # int8 (items, 2), -1 padded
+    user_themes: np.ndarray  # int8 (users, 2), -1 padded
 
     def affinity(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """How much each user likes each title, 0..1: the taste weight of the user's favourite genres it has."""
+        """How much each user likes each title, 0..1: the taste weight of her favourite genres it has,
+        halved unless it is also about one of her favourite themes."""
+        users, items = np.asarray(users), np.asarray(items)
         fav = self.favourites[users]  # [n, 3]
-        hits = self.in_genre[np.asarray(items)[:, None], np.maximum(fav, 0)] & (fav >= 0)
-        return (hits * self.weights[users]).sum(axis=1)
+        hits = self.in_genre[items[:, None], np.maximum(fav, 0)] & (fav >= 0)
+        genre = (hits * self.weights[users]).sum(axis=1)
+        mine, its = self.user_themes[users], self.title_themes[items]
+        theme = ((mine[:, :, None] == its[:, None, :]) & (mine[:, :, None] >= 0)).any(axis=(1, 2))
+        return genre * np.where(theme, 1.0, 0.5)
 
 
 def true_tastes(users: int = DEFAULT_USERS, items: int = DEFAULT_ITEMS, events: int = DEFAULT_EVENTS,
                 seed: int = DEFAULT_SEED) -> TrueTastes:  # fmt: skip
     """The tastes :func:`generate` used for these arguments (the same random streams), without the events."""
     _check_sizes(users, items, events)
-    catalog_rng, users_rng, _ = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    catalog_rng, users_rng, _, themes_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     catalog = _make_catalog(catalog_rng, items)
+    themes = _make_themes(themes_rng, catalog, users)
     people = _make_users(users_rng, users, events)
     cdf = people.taste_cdf.astype(np.float64)
     weights = np.diff(np.concatenate([np.zeros((users, 1)), cdf], axis=1), axis=1) * (people.favourites >= 0)
-    return TrueTastes(people.favourites, weights, catalog.in_genre, catalog.popularity, catalog.episode_seconds)
+    return TrueTastes(people.favourites, weights, catalog.in_genre, catalog.popularity, catalog.episode_seconds,
+                      themes.of_title, themes.of_user)  # fmt: skip
 
 
 def _check_sizes(users: int, items: int, events: int) -> None:
@@ -710,9 +817,10 @@ def write_demo_data(
     user_ids, item_ids = _ids("u", users, 6), _ids("t", items, 5)
     schema = _events_table(viewings, user_ids, item_ids, 0, 0).schema
     if fmt == "csv":
-        # No quoting: ids are plain and titles come from word lists without commas or quotes.
+        # Events need no quoting: ids are plain.
+        # Synopses have commas: the catalogue quotes where needed.
         options = pacsv.WriteOptions(quoting_style="none", quoting_header="none")
-        pacsv.write_csv(catalog_table, partial["catalog"], write_options=options)
+        pacsv.write_csv(catalog_table, partial["catalog"], write_options=pacsv.WriteOptions(quoting_style="needed", quoting_header="none"))
         writer = pacsv.CSVWriter(partial["events"], schema, write_options=options)
     else:
         pq.write_table(catalog_table, partial["catalog"])

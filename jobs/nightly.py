@@ -21,15 +21,15 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import redis
 
-from models.build import build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
+from models.build import annoy_bytes, build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
-from models.embeddings import ModelParams, learn_embeddings
+from models.embeddings import ModelParams, learn_embeddings, train_threads
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import compact, take_for_job
 from models.offline import cold_start_evaluation, select_params, served_top_k
@@ -61,6 +61,8 @@ class NightlyConfig:
     select: bool = True  # tune hyperparameters on a validation split (needs evaluate)
     selection_budget: float | None = None  # seconds; None = grows with the data
     cold_start: bool = True  # measure how well content alone places held-out titles
+    text: bool = os.environ.get("TEXT_EMBEDDINGS", "1") != "0"  # embed catalogue synopses (models.text)
+    text_cache: str | None = os.environ.get("TEXT_CACHE") or None  # folder of cached text vectors (var/text-cache)
     live_events: bool = True  # also train on the events stream (POST /events), see models.live_events
     events_archive: str | None = os.environ.get("EVENTS_ARCHIVE") or None  # compacted stream entries (a folder)
     activate: bool = True  # False: publish without moving the live pointer (jobs.runs applies the quality gate)
@@ -69,6 +71,26 @@ class NightlyConfig:
     run_id: str | None = None
     force: bool = False
     gate_tolerance: float = float(os.environ.get("GATE_TOLERANCE", "0.01"))
+
+
+def embed_catalog(catalog: Catalog, cache_dir: str | None, progress: bool) -> tuple[Catalog, dict]:
+    """The catalogue with its synopses embedded (models.text); refuses weights that do not verify."""
+    from models.text import MODEL_NAME, embed_texts
+
+    texts = [f"{title}. {text}" if text else "" for title, text in zip(catalog.items["title"], catalog.items["description"])]
+    vectors, stats = embed_texts(texts, cache_dir, progress=progress, threads=train_threads())
+    log.info(
+        "text: %(with_text)d titles with a synopsis, %(encoded)d encoded (%(titles_per_second)s titles/s), %(cached)d from the cache",
+        stats,
+    )
+    return replace(catalog, text_vectors=vectors), {**stats, "model": MODEL_NAME}
+
+
+def projection(vectors: np.ndarray) -> np.ndarray:
+    """2-D principal-component projection of the item vectors (float32 [items, 2]) for the embedding map."""
+    centred = vectors.astype(np.float64) - vectors.mean(axis=0)
+    _, _, axes = np.linalg.svd(centred[:: max(1, len(centred) // 20000)], full_matrices=False)
+    return (centred @ axes[:2].T).astype(np.float32)
 
 
 @dataclass
@@ -123,6 +145,12 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     events, events_report = load_events(events_spec, catalog, config.max_rejected_share)
     live_dir.cleanup()
     timings["load"] = time.perf_counter() - started
+    text_info = None
+    if config.text and catalog.has_text:
+        report("text", 0, 1)
+        started = time.perf_counter()
+        catalog, text_info = embed_catalog(catalog, config.text_cache, config.show_progress)
+        timings["text"] = time.perf_counter() - started
     log.info(
         "loaded %d titles, %d events from %d users (%d rows rejected, %d events for unknown titles)",
         len(catalog), len(events), len(events.user_ids), events_report.rejected_total, events_report.unknown_items,
@@ -175,6 +203,10 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     report("index", 0, 1)
     started = time.perf_counter()
     parts = build_parts(catalog, events, embeddings, params)
+    parts["map.npy"] = npy_bytes(projection(embeddings.vectors))  # the dashboard's embedding map
+    if catalog.text_vectors is not None:  # GET /search: titles by meaning
+        parts["text_vectors.npy"] = npy_bytes(catalog.text_vectors.astype(np.float16))
+        parts["text.ann"] = annoy_bytes(catalog.text_vectors, "angular", max(10, params.n_trees // 2), params.seed)
     timings["index"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -208,6 +240,7 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         "scaled_regularization": scaled,
         "metrics": evaluation,
         "timings": timings,
+        "text": text_info,
     }
     if live_info is not None:
         meta["live_events"] = live_info  # goes live with the version, atomically (exactly-once)

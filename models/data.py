@@ -11,7 +11,9 @@ catalog  ``item_id``, ``title`` required; optional ``genres`` (pipe-separated),
          viewer age 0-18 or a rating such as ``PG-13``/``TV-MA``; blank =
          unrated), ``regions`` (pipe-separated ISO 3166 codes where licensed),
          ``available_from`` / ``available_until`` (ISO dates; a bare ``until``
-         date is the last day), ``added_at`` (when the title arrived).
+         date is the last day), ``added_at`` (when the title arrived); and
+         ``description`` (a synopsis, tags may be appended; at most
+         ``MAX_DESCRIPTION_CHARS``), which the job embeds (models.text).
 
 The format is chosen by extension (``.csv``, ``.parquet``/``.pq``); a path may
 be a glob (daily partitions) or a comma-separated list. Extra columns are
@@ -41,6 +43,7 @@ import pyarrow.parquet as pq
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 CATALOG_COLUMNS = ("item_id", "title")
+MAX_DESCRIPTION_CHARS = 10_000
 CATALOG_NUMERIC = ("year", "episode_minutes", "seasons", "episodes")
 DEFAULT_MAX_REJECTED_SHARE = 0.01
 MAX_ID_LENGTH = 128
@@ -57,8 +60,13 @@ class DataError(ValueError):
 class Catalog:
     """Titles, one row each, in a stable order: row ``i`` is item index ``i``."""
 
-    items: pd.DataFrame  # item_id, title, genres (list[str]), year, episode_minutes, seasons, episodes
+    items: pd.DataFrame  # item_id, title, genres (list[str]), year, episode_minutes, seasons, episodes, description
     index: dict[str, int]  # item_id -> row
+    text_vectors: np.ndarray | None = None  # [items, 384] synopsis embeddings (models.text), when the job made them
+
+    @property
+    def has_text(self) -> bool:
+        return bool((self.items["description"] != "").any()) if "description" in self.items else False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -355,6 +363,15 @@ def load_catalog(spec: str | os.PathLike, max_rejected_share: float = DEFAULT_MA
         for extra in ("kind",):
             if extra in table.column_names:
                 frame[extra] = pd.Series(table[extra].to_numpy(zero_copy_only=False), dtype=object).fillna("")
+        if "description" in table.column_names:
+            raw = pd.Series(table["description"].to_numpy(zero_copy_only=False), dtype=object).fillna("").astype(str)
+            text = raw.str.replace(_CONTROL, " ", regex=True).str.strip()
+            long = (text.str.len() > MAX_DESCRIPTION_CHARS).to_numpy()
+            rejections.add(path, "description", long & keep, raw.to_numpy(), f"longer than {MAX_DESCRIPTION_CHARS} characters")
+            keep &= ~long
+            frame["description"] = text.to_numpy()
+        else:
+            frame["description"] = ""
         for name, parse, problem in _RULE_COLUMNS:
             raw = _text_column(table, name)
             values, bad = parse(raw)

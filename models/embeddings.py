@@ -156,8 +156,8 @@ def _fit_als(confidence: sp.csr_matrix, params: ModelParams, threads: int, show_
     return np.asarray(model.item_factors, dtype=np.float32), np.asarray(model.user_factors, dtype=np.float32)
 
 
-def content_features(catalog: Catalog) -> np.ndarray:
-    """Numeric feature matrix [items, f] from the catalogue's content columns."""
+def content_features(catalog: Catalog, use_text: bool = True) -> np.ndarray:
+    """Numeric feature matrix [items, f] from the catalogue's content columns (and synopsis vectors, if any)."""
     items = catalog.items
     genres = sorted({g for row in items["genres"] for g in row})
     genre_col = {g: j for j, g in enumerate(genres)}
@@ -186,7 +186,31 @@ def content_features(catalog: Catalog) -> np.ndarray:
         columns += [value[:, None] / 5.0, missing[:, None]]
     kinds = items["kind"].fillna("").astype(str).str.lower().to_numpy()
     columns += [(kinds == "show").astype(np.float32)[:, None], (kinds == "film").astype(np.float32)[:, None]]
+    if use_text and catalog.text_vectors is not None:
+        columns.append(text_components(catalog.text_vectors))
     return np.hstack(columns).astype(np.float32)
+
+
+TEXT_COMPONENTS = int(os.environ.get("TEXT_COMPONENTS", "32"))
+
+
+def text_components(vectors: np.ndarray, components: int = TEXT_COMPONENTS) -> np.ndarray:
+    """The synopsis embeddings' main directions (PCA, scaled to unit variance over titles with text).
+
+    384 raw dimensions next to ~40 structured features let a small MLP fit the
+    warm titles' noise; the leading components keep what varies across this
+    catalogue's synopses (themes, settings) and little else.
+    """
+    has = np.abs(vectors).sum(axis=1) > 0
+    out = np.zeros((len(vectors), components), dtype=np.float32)
+    if has.sum() <= components:
+        return out
+    text = vectors[has].astype(np.float64)
+    mean = text.mean(axis=0)
+    _, _, axes = np.linalg.svd(text - mean, full_matrices=False)
+    projected = (text - mean) @ axes[:components].T
+    out[has] = (projected / np.maximum(projected.std(axis=0), 1e-9)).astype(np.float32)
+    return out
 
 
 def content_vectors(catalog: Catalog, cf_items: np.ndarray, viewers: np.ndarray, params: ModelParams) -> np.ndarray:
@@ -197,7 +221,8 @@ def content_vectors(catalog: Catalog, cf_items: np.ndarray, viewers: np.ndarray,
         return np.zeros_like(cf_items)
     model = fit_content_model(features[warm], cf_items[warm], np.log1p(viewers[warm]).astype(np.float32), params)
     with torch.no_grad():
-        return model(torch.from_numpy(features)).numpy().astype(np.float32)
+        predicted = model(torch.from_numpy(features)).numpy().astype(np.float32)
+    return predicted
 
 
 def fit_content_model(

@@ -39,6 +39,7 @@ SEQUENCE_CANDIDATES = 50  # strongest watched-next titles re-scored alongside
 SEQUENCE_HISTORY = 2000  # history titles whose watched-next neighbours count (a whole published history)
 FILTERED_SEARCH = int(os.environ.get("FILTERED_SEARCH", "30"))  # Annoy nodes per tree for a filtered request's first pool
 EXACT_POOL = 5000  # filtered requests with at most this many eligible titles score them all exactly
+TEXT_DIM = 384  # all-MiniLM-L6-v2 (models.text)
 NEIGHBOURS = 100  # nearest titles of a title kept in a worker's cache (similar titles, "because you watched" rows)
 NEIGHBOUR_CACHE = int(os.environ.get("NEIGHBOUR_CACHE", "10000"))  # titles cached per worker: ~1 KB each
 
@@ -95,6 +96,11 @@ class Recommender:
         # (batch ranking only); a published version always has both (ModelStore checks).
         self.rec_index = _annoy(folder / "recommend.ann", self.dim, "dot")
         self.sim_index = _annoy(folder / "similar.ann", self.dim, "angular")
+        # Optional parts: synopsis vectors and their index (GET /search), the 2-D map (the dashboard).
+        self.text_index = _annoy(folder / "text.ann", TEXT_DIM, "angular")
+        text = folder / "text_vectors.npy"
+        self.text_vectors = _mapped(text) if text.is_file() else None
+        self.map = np.load(folder / "map.npy") if (folder / "map.npy").is_file() else None
         # Viewers' recent titles are few and popular: their neighbour lists repeat across requests.
         self.neighbours = lru_cache(maxsize=NEIGHBOUR_CACHE)(self._neighbours)
 
@@ -103,7 +109,7 @@ class Recommender:
         return self.meta.get("model_version", self.folder.name)
 
     def close(self) -> None:
-        for index in (self.rec_index, self.sim_index):
+        for index in (self.rec_index, self.sim_index, self.text_index):
             if index is not None:
                 index.unload()
 
@@ -455,6 +461,35 @@ class Recommender:
         top = top_k(cosine, k)
         return list(zip(pool[top].tolist(), cosine[top].tolist()))
 
+
+    @cached_property
+    def title_rows(self) -> dict[str, tuple[int, ...]]:
+        """Lower-cased title -> its rows (titles repeat: remakes, sequels with the same name)."""
+        out: dict[str, list[int]] = {}
+        for row, title in enumerate(self.titles):
+            out.setdefault(title.lower(), []).append(row)
+        return {title: tuple(rows) for title, rows in out.items()}
+
+    def search_text(self, vector: np.ndarray, n: int, eligible: np.ndarray, exclude: set[int]) -> list[tuple[int, float]]:
+        """Up to ``n`` eligible titles whose synopses are closest to ``vector`` (cosine), best first.
+
+        The Annoy index first; when filters leave too few of its answers, every
+        eligible title with a synopsis is scored exactly.
+        """
+        found, dist = self.text_index.get_nns_by_vector(
+            vector, n, search_k=self.text_index.get_n_trees() * n, include_distances=True
+        )
+        out = [(i, 1.0 - d * d / 2.0) for i, d in zip(found, dist) if eligible[i] and i not in exclude]
+        if len(out) >= n // 2 or self.text_vectors is None:
+            return out
+        pool = np.flatnonzero(eligible)
+        if exclude:
+            pool = pool[~np.isin(pool, np.fromiter(exclude, dtype=np.int64))]
+        cosine = self.text_vectors[pool].astype(np.float32) @ np.asarray(vector, dtype=np.float32)
+        keep = np.abs(self.text_vectors[pool]).sum(axis=1) > 0  # titles without a synopsis never match by meaning
+        pool, cosine = pool[keep], cosine[keep]
+        top = top_k(cosine, n)
+        return list(zip(pool[top].tolist(), cosine[top].astype(float).tolist()))
 
     def _neighbours(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``NEIGHBOURS`` nearest titles of ``item`` by cosine (itself included when found) and their cosines."""

@@ -126,13 +126,21 @@ class VectorCache:
         os.replace(temp, self.path)
 
 
-def embed_texts(texts: list[str], encoder: TextEncoder, cache_dir: str | Path | None = None, progress: bool = False) -> tuple[np.ndarray, dict]:
-    """Vectors for ``texts`` (blank text -> zeros), encoding only what the cache lacks; (vectors, stats)."""
-    cache = VectorCache(cache_dir, encoder.digest)
+def embed_texts(
+    texts: list[str], cache_dir: str | Path | None = None, progress: bool = False, threads: int | None = None,
+    encoder: TextEncoder | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Vectors for ``texts`` (blank text -> zeros), encoding only what the cache lacks; (vectors, stats).
+
+    The weights are verified every time; the encoder (seconds to load) is only
+    loaded when some text is not in the cache.
+    """
+    digest = encoder.digest if encoder is not None else verify_weights(model_folder())
+    cache = VectorCache(cache_dir, digest)
     known = cache.load()
     out = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
     keys = [cache.key(t) if t else None for t in texts]
-    missing = {}
+    missing: dict[str, tuple[str, list[int]]] = {}
     for row, (text, key) in enumerate(zip(texts, keys)):
         if key is None:
             continue
@@ -142,14 +150,17 @@ def embed_texts(texts: list[str], encoder: TextEncoder, cache_dir: str | Path | 
             missing.setdefault(key, (text, []))[1].append(row)
     started = time.perf_counter()
     if missing:
+        encoder = encoder or TextEncoder(threads=threads)
         fresh = encoder.encode([text for text, _ in missing.values()], progress=progress)
         for (key, (_, rows)), vector in zip(missing.items(), fresh):
             out[rows] = vector
             known[key] = vector
         cache.save(known)
     seconds = time.perf_counter() - started
-    stats = {"titles": len(texts), "with_text": sum(k is not None for k in keys), "encoded": len(missing),
-             "cached": sum(k is not None for k in keys) - sum(len(r) for _, r in missing.values()),
+    with_text = sum(k is not None for k in keys)
+    stats = {"titles": len(texts), "with_text": with_text, "encoded": len(missing),
+             "cached": with_text - sum(len(rows) for _, rows in missing.values()),
              "encode_seconds": round(seconds, 3),
-             "titles_per_second": round(len(missing) / seconds, 1) if missing and seconds > 0 else None}  # fmt: skip
+             "titles_per_second": round(len(missing) / seconds, 1) if missing and seconds > 0 else None,
+             "weights_sha256": digest}  # fmt: skip
     return out, stats

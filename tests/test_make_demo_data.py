@@ -49,7 +49,7 @@ def test_exact_row_counts_and_columns(data):
     assert len(events) == EVENTS
     assert len(catalog) == ITEMS
     assert list(events.columns) == ["user_id", "item_id", "timestamp", "watch_seconds"]
-    assert list(catalog.columns) == ["item_id", "title", "kind", *OPTIONAL, *RULES]
+    assert list(catalog.columns) == ["item_id", "title", "kind", *OPTIONAL, *RULES, "description"]
 
 
 def test_ids_are_complete_and_consistent(data):
