@@ -277,6 +277,54 @@ PATHS = {
             },
         }
     },
+    "/search": {
+        "get": {
+            "summary": "Titles by meaning: the query embedded (all-MiniLM-L6-v2) and matched against synopses",
+            "description": (
+                "Exact title or id matches first (match: exact), then by meaning (match: meaning). With user, "
+                "re-ranked towards the user's taste (0.7 x cosine + 0.3 x taste) with unseen titles first. "
+                "The filters of /recommend apply. 503 while the worker's encoder loads, or when the version has "
+                "no text index."
+            ),
+            "parameters": [
+                {"name": "q", "in": "query", "required": True, "description": "what to search for (1-200 characters)",
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+                K_PARAM,
+                {"name": "user", "in": "query", "required": False, "description": "re-rank for this user",
+                 "schema": ID_SCHEMA},
+                *FILTER_PARAMS,
+            ],
+            "responses": {
+                "200": _json(
+                    "matching titles",
+                    {
+                        "type": "object",
+                        "required": ["recommendation_id", "model_version", "arm", "query", "user", "items"],
+                        "properties": {
+                            **ANSWER_ORIGIN,
+                            "query": {"type": "string"},
+                            "user": {"type": ["string", "null"]},
+                            "items": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["item_id", "title", "score", "match"],
+                                    "properties": {
+                                        "item_id": {"type": "string"},
+                                        "title": {"type": "string"},
+                                        "score": {"type": "number"},
+                                        "match": {"type": "string", "enum": ["exact", "meaning"]},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                ),
+                "400": BAD_PARAMS,
+                "503": _error("no model, no text index in this version, or the encoder is still loading (Retry-After)"),
+            },
+        }
+    },
     "/history": {
         "get": {
             "summary": "What the service knows a user watched, newest first (fresh = from POST /events)",

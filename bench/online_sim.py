@@ -30,7 +30,7 @@ from models import experiments
 class Viewers:
     tastes: TrueTastes
     base: float = 0.01
-    gain: float = 0.12  # for a title wholly to her taste
+    gain: float = 0.2  # for a title wholly to her taste (genre and theme)
     popular_gain: float = 0.08  # for the most popular title (by popularity rank: everyone likes a hit a little)
     decay: float = 0.85
 

@@ -16,7 +16,8 @@ Output contract:
   ``watch_seconds`` (always blank: MovieLens records ratings, not watch time,
   so each rating counts as one viewing), plus ``rating`` (an extra column;
   the loader ignores extras).
-* catalog: ``item_id``, ``title`` (without the trailing "(YYYY)"), ``genres``
+* catalog: ``item_id``, ``title`` (without the trailing "(YYYY)"), ``description``
+  (the genres and, from ``tags.csv`` when present, the users' most used tags), ``genres``
   (pipe-separated, blank when none), ``year``, ``episode_minutes``,
   ``seasons``, ``episodes`` (blank: these are films) and ``kind`` = "film".
 
@@ -55,8 +56,9 @@ FORMATS = ("csv", "parquet")
 EVENT_COLUMNS = ["user_id", "item_id", "timestamp", "watch_seconds", "rating"]
 CATALOG_COLUMNS = [
     "item_id", "title", "genres", "year",
-    "episode_minutes", "seasons", "episodes", "kind",
+    "episode_minutes", "seasons", "episodes", "kind", "description",
 ]
+MAX_TAGS = 20  # most used distinct tags of a film kept in its description
 
 # MovieLens puts the year at the end of the title: "Heat (1995)". Series have a
 # range, "(2006–2007)" (en dash) or "(2007-)". For those we keep the start
@@ -215,7 +217,7 @@ def _read_latest_small(src: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     _reject(title == "", movies, movies_path, lambda i: "title is empty")
     genres = movies["genres"].str.strip()
     genres = genres.where((genres != "") & (genres != _NO_GENRES), None)
-    catalog = _catalog_frame(item_id, title, genres, year)
+    catalog = _catalog_frame(item_id, title, genres, year, _film_tags(src / "tags.csv", item_id))
 
     ratings = _read_rows(ratings_path, columns=["userId", "movieId", "rating", "timestamp"],
                          delimiter=",", encoding="utf-8-sig", header=True)
@@ -298,7 +300,30 @@ def _events_frame(rows: pd.DataFrame, path: Path, *, user: str, item: str,
     }, columns=EVENT_COLUMNS).reset_index(drop=True)
 
 
-def _catalog_frame(item_id: pd.Series, title: pd.Series, genres: pd.Series, year: pd.Series) -> pd.DataFrame:
+def _film_tags(path: Path, item_id: pd.Series) -> pd.Series:
+    """Each film's users' tags (``tags.csv``, optional): the most used distinct ones, lower-cased, comma-joined."""
+    if not path.is_file():
+        return pd.Series([""] * len(item_id), index=item_id.index, dtype=object)
+    rows = _read_rows(path, columns=["userId", "movieId", "tag", "timestamp"], delimiter=",", encoding="utf-8-sig", header=True)
+    tags = rows["tag"].astype(str).str.strip().str.lower()
+    frame = pd.DataFrame({"item": rows["movieId"].astype(str).str.strip(), "tag": tags})
+    frame = frame[(frame["tag"] != "") & (frame["tag"] != "nan")]
+    counted = frame.groupby(["item", "tag"]).size().rename("n").reset_index().sort_values(["item", "n", "tag"], ascending=[True, False, True])
+    joined = counted.groupby("item")["tag"].apply(lambda t: ", ".join(t.head(MAX_TAGS)))
+    return item_id.astype(str).map(joined).fillna("")
+
+
+def _description(genres: pd.Series, tags: pd.Series | None) -> pd.Series:
+    """The text the job embeds next to the title: genres, then the users' tags."""
+    named = genres.fillna("").astype(str).str.replace("|", ", ", regex=False)
+    text = named.where(named == "", "Genres: " + named + ".")
+    if tags is not None:
+        text = (text + tags.where(tags == "", " Tags: " + tags + ".")).str.strip()
+    return text
+
+
+def _catalog_frame(item_id: pd.Series, title: pd.Series, genres: pd.Series, year: pd.Series,
+                   tags: pd.Series | None = None) -> pd.DataFrame:
     n = len(item_id)
     blank = pd.array([pd.NA] * n, dtype="Int64")  # films have no episodes or seasons
     return pd.DataFrame({
@@ -310,6 +335,7 @@ def _catalog_frame(item_id: pd.Series, title: pd.Series, genres: pd.Series, year
         "seasons": blank.copy(),
         "episodes": blank.copy(),
         "kind": pd.Series(["film"] * n, dtype=_TEXT, index=item_id.index),
+        "description": _description(genres, tags).astype(_TEXT),
     }, columns=CATALOG_COLUMNS).reset_index(drop=True)
 
 

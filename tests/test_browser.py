@@ -131,3 +131,54 @@ def test_operator_retrains_and_rolls_back_in_a_browser(redis_server, store, trai
         gunicorn_output = stop(gunicorn)
     assert scheduler.returncode == 0, scheduler_output[-3000:]
     assert "Traceback" not in gunicorn_output, gunicorn_output[-3000:]
+
+
+def test_embedding_map_and_search_by_meaning_in_a_browser(redis_server, store, trained_demo, tmp_path):
+    """Issue 14: the explorer draws the catalogue from map.json, highlights a user's history and
+    recommendations and a title's neighbours, shows a title on hover, and searches by meaning."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    store.publish(trained_demo.parts, trained_demo.meta)
+    gunicorn, base = start_gunicorn(redis_server.url, store.keys.prefix, tmp_path / "cache", ADMIN_TOKEN=TOKEN)
+    try:
+        user = get(f"{base}/page?user=u000001")[1]["user"]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(f"{base}/admin/login?next=/admin/explore")
+            page.fill("#token", TOKEN)
+            page.click("button[type=submit]")
+            canvas = page.locator("canvas#embedding-map")
+            expect(canvas).to_have_attribute("data-drawn", "300")  # every title of the demo catalogue
+            page.screenshot(path=ARTIFACTS / "7-embedding-map.png", full_page=True)
+
+            page.goto(f"{base}/admin/explore/user?user={user}")
+            expect(canvas).to_have_attribute("data-drawn", "300")
+            marked = int(canvas.get_attribute("data-marked"))
+            assert marked >= 10  # the history and the ten recommendations
+            canvas.scroll_into_view_if_needed()
+            box = canvas.bounding_box()
+            scale = box["width"] / int(canvas.get_attribute("width"))
+            x, y = (float(canvas.get_attribute(name)) * scale for name in ("data-first-x", "data-first-y"))
+            page.mouse.move(box["x"] + x, box["y"] + y)  # onto a highlighted title
+            tip = page.locator("#map-tip")
+            expect(tip).to_be_visible()
+            assert tip.inner_text().strip()
+            page.screenshot(path=ARTIFACTS / "8-user-on-the-map.png", full_page=True)
+
+            page.goto(f"{base}/admin/explore/title?item=t00007")
+            expect(canvas).to_have_attribute("data-marked", "13")  # the title and its 12 neighbours
+            page.screenshot(path=ARTIFACTS / "9-title-neighbours.png", full_page=True)
+
+            deadline = time.monotonic() + 60  # each worker loads the encoder in the background
+            while True:
+                page.goto(f"{base}/admin/explore?q=astronauts+lost+in+space")
+                if page.locator("#meaning li").count() > 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            expect(page.locator("#meaning li").first).to_be_visible()
+            page.screenshot(path=ARTIFACTS / "10-search-by-meaning.png", full_page=True)
+            browser.close()
+    finally:
+        output = stop(gunicorn)
+    assert "Traceback" not in output, output[-3000:]

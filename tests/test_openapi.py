@@ -73,7 +73,7 @@ def test_document_describes_every_public_route(service):
     rules = {
         rule.rule
         for rule in service.url_map.iter_rules()
-        if rule.endpoint.split(".")[0] in ("api", "events", "openapi", "pages", "online")
+        if rule.endpoint.split(".")[0] in ("api", "events", "openapi", "pages", "online", "search")
     }
     assert rules == set(served["paths"])
     assert "503" in served["paths"]["/events"]["post"]["responses"]

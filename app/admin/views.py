@@ -11,6 +11,7 @@ import math
 import time
 from datetime import datetime
 
+import numpy as np
 import orjson
 from flask import current_app, flash, redirect, render_template, request, url_for
 from jinja2 import Undefined
@@ -318,7 +319,23 @@ def explore():
                 results.append((model.item_ids[row], title))
                 if len(results) == SEARCH_LIMIT:
                     break
-    return render_template("admin/explore.html", query=query, results=results, model=model, limit=SEARCH_LIMIT)
+    meaning, meaning_note = [], None
+    if model is not None and query:
+        encoder = current_app.extensions["search_encoder"]
+        if model.text_index is None:
+            meaning_note = "this version has no text index (no synopses in its catalogue)"
+        elif encoder.error or encoder.encoder is None:
+            encoder.start()
+            meaning_note = encoder.error or "the search encoder is loading; search again in a few seconds"
+        else:
+            from app.search import rank
+
+            found = model.search_text(encoder.vector(query), 30, model.rules.eligible(None), set())
+            meaning = [(i["item_id"], i["title"], i["score"]) for i in rank(model, None, found, [], 20)]
+    return render_template(
+        "admin/explore.html", query=query, results=results, model=model, limit=SEARCH_LIMIT,
+        meaning=meaning, meaning_note=meaning_note,
+    )  # fmt: skip
 
 
 def item_row(model, row: int) -> dict:
@@ -525,3 +542,57 @@ def experiment_action():
     current_app.logger.warning("admin experiment %s from %s: %s", action, request.remote_addr, message)
     flash(message, "ok")
     return redirect(url_for("admin.experiments_page"), 303)
+
+
+# -- the embedding map ----------------------------------------------------------------------------------
+MAP_POINTS = 20_000  # titles drawn at most (a random sample beyond it, plus every highlighted one)
+MAP_GENRES = 8  # colours: the most common genres, then "other"
+
+
+@admin.get("/map.json")
+def map_json():
+    """The version's 2-D projection of the item vectors, for the canvas of the explorer pages.
+
+    ``user``: highlights that user's history and recommendations; ``item``: that title and its neighbours.
+    """
+    model = loaded_model()
+    if model is None or model.map is None:
+        return admin_error(404, "the served version has no embedding map (published before it existed)")
+    highlight: dict[str, list[int]] = {}
+    user = request.args.get("user", "").strip()[:MAX_QUERY]
+    if user:
+        fresh_items, fresh_weights = live_model().fresh_history(model, user)
+        items, _ = model.history(user)
+        highlight["history"] = [int(i) for i in items[:200]]
+        _, recs = model.recommend(user, 10, fresh_items, fresh_weights)
+        highlight["recommended"] = [r.item for r in recs]
+    item = request.args.get("item", "").strip()[:MAX_QUERY]
+    if item in model.item_index:
+        row = model.item_index[item]
+        highlight["focus"] = [row]
+        highlight["neighbours"] = [i for i, _ in model.similar(row, 12)]
+    n = model.n_items
+    rows = np.arange(n)
+    if n > MAP_POINTS:
+        rows = np.random.default_rng(0).choice(n, MAP_POINTS, replace=False)
+    rows = np.union1d(rows, np.fromiter((r for group in highlight.values() for r in group), dtype=np.int64))
+    genres = model.items.get("genres") or [[] for _ in range(n)]
+    counts: dict[str, int] = {}
+    for names in genres:
+        for g in names:
+            counts[g] = counts.get(g, 0) + 1
+    top = sorted(counts, key=lambda g: (-counts[g], g))[:MAP_GENRES]
+    colour = {g: k for k, g in enumerate(top)}
+    position = {int(r): k for k, r in enumerate(rows.tolist())}
+    points = [
+        [round(float(model.map[r, 0]), 4), round(float(model.map[r, 1]), 4),
+         next((colour[g] for g in genres[r] if g in colour), len(top)), model.titles[r]]
+        for r in rows.tolist()
+    ]  # fmt: skip
+    return current_app.response_class(
+        orjson.dumps({
+            "genres": [*top, "other"], "points": points, "titles": int(n),
+            "highlight": {name: [position[r] for r in group if r in position] for name, group in highlight.items()},
+        }),  # fmt: skip
+        mimetype="application/json",
+    )
