@@ -40,6 +40,7 @@ bench: venv
 	$(PY) bench/train_scale.py
 	$(PY) bench/events.py
 	$(PY) bench/online.py
+	$(PY) bench/search.py
 
 bench-quality: venv
 	$(PY) bench/quality.py

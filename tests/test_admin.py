@@ -490,3 +490,12 @@ def test_experiment_page_starts_shows_charts_and_promotes(admin, store, versions
     page = client.get("/admin/experiments", headers=HTML)
     assert "No experiment is running" in page.text and "promoted" in page.text
     assert client.post("/admin/experiments", data={"csrf_token": csrf, "action": "stop"}).status_code == 400
+
+
+def test_models_page_shows_the_cold_start_text_lift(admin, versions, trained_demo):
+    client, _ = admin
+    page = client.get("/admin/models", headers=HTML)
+    cold = trained_demo.meta["metrics"]["cold_start"]
+    cells = re.findall(r'<td class="text-lift">([^<]+)</td>', page.text)
+    assert len(cells) == 2 and cells[0].strip() not in ("", "—")
+    assert abs(float(cells[0]) - cold["text_lift"]) < 0.01
