@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -39,7 +40,7 @@ search_api = Blueprint("search", __name__)
 MAX_QUERY_CHARS = 200
 TASTE_WEIGHT = float(os.environ.get("SEARCH_TASTE_WEIGHT", "0.3"))
 CACHE_SIZE = int(os.environ.get("SEARCH_CACHE", "4096"))
-POOL = 100  # titles asked of the text index before filters and re-ranking
+POOL = 40  # titles asked of the text index before filters and re-ranking (nodes searched grow with it)
 
 
 class QueryEncoder:
@@ -61,13 +62,18 @@ class QueryEncoder:
 
     def _load(self) -> None:
         try:
-            from models.text import TextEncoder
-
-            self.encoder = TextEncoder(threads=1)  # one core per request: workers and threads share the machine
-            log.info("search encoder loaded (weights sha256 %s)", self.encoder.digest)
+            self.encoder = shared_encoder()
         except Exception as exc:  # a missing package or weights that do not verify: search stays off, loudly
             self.error = f"the search encoder cannot run: {exc}"
             log.error(self.error)
+
+    def wait(self, seconds: float) -> bool:
+        """Start loading if needed and wait up to ``seconds`` for it; True when the encoder is ready."""
+        self.start()
+        deadline = time.monotonic() + seconds
+        while self.encoder is None and self.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.encoder is not None
 
     def vector(self, text: str) -> np.ndarray:
         key = " ".join(text.lower().split())
@@ -82,6 +88,22 @@ class QueryEncoder:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return vector
+
+
+_SHARED = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_encoder():
+    """One encoder per process (a gunicorn worker; several apps in one test process share it)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            from models.text import TextEncoder
+
+            _SHARED = TextEncoder(threads=1)  # one core per request: workers and threads share the machine
+            log.info("search encoder loaded (weights sha256 %s)", _SHARED.digest)
+        return _SHARED
 
 
 def init_search(app: Flask) -> None:
@@ -104,9 +126,7 @@ def search():
     if len(text) > MAX_QUERY_CHARS:
         raise ApiError(400, f"parameter 'q' is longer than {MAX_QUERY_CHARS} characters")
     k = query.k()
-    user = query.one("user") or None
-    if user is not None:
-        user = query.id("user")
+    user = query.id("user") if "user" in query.values else None  # given empty: 400, like everywhere
     model, arm, experiment = serving_for(user) if user else (_live(), None, None)
     if model.text_index is None:
         raise ApiError(503, f"model version {model.version} has no text index (its catalogue has no descriptions)")

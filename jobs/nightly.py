@@ -77,7 +77,8 @@ def embed_catalog(catalog: Catalog, cache_dir: str | None, progress: bool) -> tu
     """The catalogue with its synopses embedded (models.text); refuses weights that do not verify."""
     from models.text import MODEL_NAME, embed_texts
 
-    texts = [f"{title}. {text}" if text else "" for title, text in zip(catalog.items["title"], catalog.items["description"])]
+    # The synopsis alone: a title's words are names, not meaning (exact title matches are handled by /search).
+    texts = [str(text) for text in catalog.items["description"]]
     vectors, stats = embed_texts(texts, cache_dir, progress=progress, threads=train_threads())
     log.info(
         "text: %(with_text)d titles with a synopsis, %(encoded)d encoded (%(titles_per_second)s titles/s), %(cached)d from the cache",

@@ -191,7 +191,7 @@ def content_features(catalog: Catalog, use_text: bool = True) -> np.ndarray:
     return np.hstack(columns).astype(np.float32)
 
 
-TEXT_COMPONENTS = int(os.environ.get("TEXT_COMPONENTS", "32"))
+TEXT_COMPONENTS = int(os.environ.get("TEXT_COMPONENTS", "16"))
 
 
 def text_components(vectors: np.ndarray, components: int = TEXT_COMPONENTS) -> np.ndarray:

@@ -29,7 +29,9 @@ from tests.test_events import make_app
 @pytest.fixture
 def service(redis_server, store, trained_demo, tmp_path):
     store.publish(trained_demo.parts, trained_demo.meta)
-    return make_app(redis_server, store, tmp_path)
+    app = make_app(redis_server, store, tmp_path)
+    assert app.extensions["search_encoder"].wait(120)  # /search answers, not "loading" (loaded once per process)
+    return app
 
 
 OPERATIONS = [(method, path) for path, item in DOCUMENT["paths"].items() for method in item]
