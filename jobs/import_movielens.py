@@ -319,7 +319,7 @@ def _description(genres: pd.Series, tags: pd.Series | None) -> pd.Series:
     text = named.where(named == "", "Genres: " + named + ".")
     if tags is not None:
         text = (text + tags.where(tags == "", " Tags: " + tags + ".")).str.strip()
-    return text
+    return text.where(text != "", None)  # nothing to say: blank, in CSV and Parquet alike
 
 
 def _catalog_frame(item_id: pd.Series, title: pd.Series, genres: pd.Series, year: pd.Series,

@@ -38,10 +38,13 @@ def read_csv_as_text(path: Path) -> list[dict[str, str]]:
     return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
 
 
-def film(item_id: str, title: str, genres: str, year: str) -> dict[str, str]:
-    """An expected catalog row as CSV text. MovieLens titles are films with no episodes."""
+def film(item_id: str, title: str, genres: str, year: str, tags: str = "") -> dict[str, str]:
+    """An expected catalog row as CSV text. MovieLens titles are films with no episodes; the description
+    is the genres and the users' tags (none in the fixtures unless given)."""
+    described = " ".join(part for part in (
+        f"Genres: {genres.replace('|', ', ')}." if genres else "", f"Tags: {tags}." if tags else "") if part)
     return {"item_id": item_id, "title": title, "genres": genres, "year": year,
-            "episode_minutes": "", "seasons": "", "episodes": "", "kind": "film"}
+            "episode_minutes": "", "seasons": "", "episodes": "", "kind": "film", "description": described}
 
 
 def event(user_id: str, item_id: str, timestamp: str, rating: str) -> dict[str, str]:
@@ -339,3 +342,14 @@ def replace_line(path: Path, line: int, text: str) -> None:
     lines = path.read_bytes().decode("latin-1").split("\n")
     lines[line - 1] = text
     path.write_bytes("\n".join(lines).encode("latin-1"))
+
+
+def test_latest_small_descriptions_carry_the_users_tags(tmp_path: Path) -> None:
+    src = copy_fixture(LATEST_SMALL, tmp_path / "src")
+    (src / "tags.csv").write_text(
+        "userId,movieId,tag,timestamp\n1,1,Lighthouse,1\n2,1,lighthouse,2\n2,1,slow burn,3\n3,2,Robots,4\n3,9,unknown film,5\n"
+    )
+    rows = read_csv_as_text(import_movielens(src, tmp_path / "out")["catalog_path"])
+    assert rows[0]["description"] == "Genres: Drama, Romance. Tags: lighthouse, slow burn."  # most used first
+    assert rows[1]["description"] == "Genres: Fantasy, Sci-Fi. Tags: robots."
+    assert rows[2]["description"] == ""  # no genres, no tags: blank
