@@ -119,20 +119,21 @@ def require_writer() -> None:
         raise ApiError(401, "send 'Authorization: Bearer <token>' with a token from EVENTS_TOKEN", headers={"WWW-Authenticate": "Bearer"})
 
 
-def _events_from_body() -> list:
+def batch_from_body(noun: str, limit: int) -> list:
+    """A writer's batch (``POST /events``, ``POST /impressions``): one object or a non-empty array of at most ``limit``."""
     require_writer()
-    payload = json_body("the events")
+    payload = json_body(f"the {noun}s")
     records = payload if isinstance(payload, list) else [payload]
     if not records:
-        raise ApiError(400, "no events: send one event object or a non-empty array of them")
-    if len(records) > MAX_BATCH:
-        raise ApiError(400, f"{len(records)} events in one request; send at most {MAX_BATCH} per request")
+        raise ApiError(400, f"no {noun}s: send one {noun} object or a non-empty array of them")
+    if len(records) > limit:
+        raise ApiError(400, f"{len(records)} {noun}s in one request; send at most {limit} per request")
     return records
 
 
 @events_api.post("/events")
 def post_events():
-    records = _events_from_body()
+    records = batch_from_body("event", MAX_BATCH)
     events, errors = validate_event_records(records)
     if not errors:
         from app.online import origins_of

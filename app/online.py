@@ -80,15 +80,9 @@ def running_experiment() -> str | None:
 
 @online_api.post("/impressions")
 def post_impressions():
-    from app.events import json_body, require_writer
+    from app.events import batch_from_body
 
-    require_writer()
-    payload = json_body("the impressions")
-    records = payload if isinstance(payload, list) else [payload]
-    if not records:
-        raise ApiError(400, "no impressions: send one impression object or a non-empty array of them")
-    if len(records) > MAX_IMPRESSIONS:
-        raise ApiError(400, f"{len(records)} impressions in one request; send at most {MAX_IMPRESSIONS} per request")
+    records = batch_from_body("impression", MAX_IMPRESSIONS)
     impressions, errors = validate_impression_records(records)
     online = current_app.extensions["online"]
     ids = online.ids()
