@@ -41,7 +41,7 @@ fi
 $PY -m jobs.nightly --events "$DATA/events.csv" --catalog "$DATA/catalog.csv"
 
 USER_ID=$(sed -n '2p' "$DATA/events.csv" | cut -d, -f1)
-ITEM_ID=$(sed -n '2p' "$DATA/catalog.csv" | cut -d, -f1)
+ITEM_ID=$(sed -n '2p' "$DATA/catalog.csv" | cut -d, -f1 | tr -d '"')  # the catalogue quotes its strings
 export PORT
 if $PY -c "import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(('127.0.0.1', int(sys.argv[1]))) == 0 else 1)" "$PORT"; then
   echo "error: port $PORT is already in use; run with another, e.g. PORT=8001 make demo" >&2
