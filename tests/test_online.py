@@ -374,3 +374,16 @@ def test_an_arm_whose_version_vanished_is_not_served_and_nothing_is_miscounted(c
     assert live.running is None and "cannot serve the experiment" in live.experiment_error
     answer = client.get(f"/recommend?user={live.current.user_ids[0]}").get_json()
     assert answer["arm"] is None and answer["model_version"] == second
+
+
+def test_an_oversized_impressions_body_is_413_and_nothing_is_stored(client, store):
+    model = model_of(client)
+    user = model.user_ids[0]
+    rid = client.get(f"/recommend?user={user}").get_json()["recommendation_id"]
+    one = impression(user, rid, model.item_ids[:10], int(time.time()))
+    body = json.dumps([one] * 20000).encode()  # ~6 MB, past MAX_BODY_BYTES (1 MiB)
+    response = client.post("/impressions", data=body, content_type="application/json", headers=AUTH)
+    assert response.status_code == 413 and "error" in response.get_json()
+    too_many = client.post("/impressions", json=[one] * 1001, headers=AUTH)
+    assert too_many.status_code in (400, 413)
+    assert store.redis.xlen(store.keys.impressions_stream) == 0
