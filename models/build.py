@@ -88,10 +88,15 @@ def recent_histories(events: Events, confidence: sp.csr_matrix, cap: int) -> tup
 
 def popular_items(events: Events, n_items: int, confidence: sp.csr_matrix) -> np.ndarray:
     """Titles by distinct recent-weighted viewers (a title binged by few ranks below one many watched)."""
-    viewers = np.asarray((confidence > 0).sum(axis=0)).ravel().astype(np.float64)
+    viewers = np.asarray((confidence > 0).sum(axis=0)).ravel()
     strength = np.asarray(confidence.sum(axis=0)).ravel()
-    score = viewers + 1e-6 * strength  # ties broken by total confidence
-    return np.argsort(-score, kind="stable")[: min(POPULAR_SIZE, n_items)].astype(np.int32)
+    return popular_from_counts(viewers, strength)
+
+
+def popular_from_counts(viewers: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """The popular list from each title's distinct viewers and summed confidence (ties broken by the latter)."""
+    score = np.asarray(viewers, dtype=np.float64) + 1e-6 * np.asarray(strength, dtype=np.float64)
+    return np.argsort(-score, kind="stable")[: min(POPULAR_SIZE, len(score))].astype(np.int32)
 
 
 def catalog_json(catalog: Catalog) -> bytes:
@@ -133,35 +138,50 @@ def build_parts(
     ranking of offline experiments, never for a published version.
     ``items_json``: :func:`catalog_json` of ``catalog``, when the caller builds many.
     """
-    vectors = embeddings.vectors
-    parts = {}
     # Histories are single-threaded numpy; Annoy's build runs in its own threads without the GIL.
     with ThreadPoolExecutor(1) as beside:
         histories = beside.submit(recent_histories, events, embeddings.confidence, params.history_cap)
-        if indexes:
-            started = time.perf_counter()
-            parts["recommend.ann"] = annoy_bytes(vectors, "dot", params.n_trees, params.seed)
-            parts["similar.ann"] = annoy_bytes(vectors, "angular", params.n_trees, params.seed)
-            log.info(
-                "annoy indexes built in %.1fs (%d titles, %d trees)", time.perf_counter() - started, len(vectors), params.n_trees
-            )
-        indptr, hist_items, hist_weights = histories.result()
+        parts = item_parts(
+            catalog, embeddings.vectors, embeddings.sequence, popular_items(events, len(catalog), embeddings.confidence),
+            params, indexes, items_json,
+        )  # fmt: skip
+        parts.update(user_parts(events.user_ids, *histories.result()))
+    return parts
+
+
+def item_parts(
+    catalog: Catalog, vectors: np.ndarray, sequence: sp.csr_matrix, popular: np.ndarray, params: ModelParams,
+    indexes: bool = True, items_json: bytes | None = None,
+) -> dict[str, bytes]:
+    """The item side of a version: vectors, Annoy indexes, metadata, watched-next, the popular list (any engine)."""
+    parts = {}
+    if indexes:
+        started = time.perf_counter()
+        parts["recommend.ann"] = annoy_bytes(vectors, "dot", params.n_trees, params.seed)
+        parts["similar.ann"] = annoy_bytes(vectors, "angular", params.n_trees, params.seed)
+        log.info("annoy indexes built in %.1fs (%d titles, %d trees)", time.perf_counter() - started, len(vectors), params.n_trees)
     parts.update(
         {
             "item_vectors.npy": npy_bytes(vectors.astype(np.float32)),
             "gram.npy": npy_bytes((vectors.T.astype(np.float64) @ vectors.astype(np.float64)).astype(np.float32)),
             "items.json": items_json if items_json is not None else catalog_json(catalog),
-            "users.json": orjson.dumps([str(u) for u in events.user_ids]),
-            "history_indptr.npy": npy_bytes(indptr),
-            "history_items.npy": npy_bytes(hist_items),
-            "history_weights.npy": npy_bytes(hist_weights),
-            "popular.npy": npy_bytes(popular_items(events, len(catalog), embeddings.confidence)),
-            "seq_indptr.npy": npy_bytes(embeddings.sequence.indptr.astype(np.int64)),
-            "seq_indices.npy": npy_bytes(embeddings.sequence.indices.astype(np.int32)),
-            "seq_weights.npy": npy_bytes(embeddings.sequence.data.astype(np.float32)),
+            "popular.npy": npy_bytes(popular),
+            "seq_indptr.npy": npy_bytes(sequence.indptr.astype(np.int64)),
+            "seq_indices.npy": npy_bytes(sequence.indices.astype(np.int32)),
+            "seq_weights.npy": npy_bytes(sequence.data.astype(np.float32)),
         }
     )
     return parts
+
+
+def user_parts(user_ids, indptr: np.ndarray, items: np.ndarray, weights: np.ndarray) -> dict[str, bytes]:
+    """The user side's ids and recent histories (CSR, newest first) as parts."""
+    return {
+        "users.json": orjson.dumps([str(u) for u in user_ids]),
+        "history_indptr.npy": npy_bytes(np.asarray(indptr, dtype=np.int64)),
+        "history_items.npy": npy_bytes(np.asarray(items, dtype=np.int32)),
+        "history_weights.npy": npy_bytes(np.asarray(weights, dtype=np.float32)),
+    }
 
 
 def open_parts(parts: dict[str, bytes], meta: dict, folder: Path) -> Recommender:

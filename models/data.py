@@ -242,11 +242,12 @@ def _row_label(path: Path, rows: np.ndarray) -> str:
     return f"{kind} {shown}" + (" ..." if len(rows) > 5 else "")
 
 
-class _Rejections:
+class Rejections:
     """Collects bad rows per (file, column); decides whether the load may go on."""
 
-    def __init__(self, report: LoadReport):
+    def __init__(self, report: LoadReport, numbered: bool = True):
         self.report = report
+        self.numbered = numbered  # False where rows arrive in parts (Spark): no row numbers to name
         self.first: list[tuple[int, str]] = []  # (count, message) for the error text
 
     def add(self, path: Path, column: str, bad: np.ndarray, values: np.ndarray, problem: str) -> None:
@@ -261,7 +262,7 @@ class _Rejections:
             shown = values[rows[:3]]
         examples = ", ".join(repr(str(v))[:40] for v in shown)
         self.first.append(
-            (len(rows), f"{path}: column '{column}': {len(rows)} row(s) {problem} ({_row_label(path, rows)}; e.g. {examples})")
+            (len(rows), f"{path}: column '{column}': {len(rows)} row(s) {problem} ({_row_label(path, rows) if self.numbered else 'rows not numbered: read by Spark'}; e.g. {examples})")
         )
 
     def check(self, total: int, max_share: float, what: str) -> None:
@@ -326,7 +327,7 @@ def parse_timestamps(values: np.ndarray, latest: int | None = None) -> np.ndarra
 def load_catalog(spec: str | os.PathLike, max_rejected_share: float = DEFAULT_MAX_REJECTED_SHARE) -> tuple[Catalog, LoadReport]:
     """Read and validate the catalogue. Duplicate item ids keep their last row."""
     report = LoadReport()
-    rejections = _Rejections(report)
+    rejections = Rejections(report)
     frames = []
     for path in expand_paths(spec):
         report.files.append(str(path))
@@ -505,6 +506,75 @@ def _sorted_codes(parts: list[pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]
     return codes, encoded.dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False)
 
 
+def validate_events(
+    table: pa.Table, path: Path, catalog_ids: pa.Array, latest: int, rejections: Rejections, report: LoadReport
+) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray, np.ndarray]:
+    """The data contract for events, on one table read from ``path``: (user ids, title rows, timestamps, watch seconds) kept.
+
+    Bad rows are counted in ``rejections``; events for titles not in
+    ``catalog_ids`` are dropped and counted in ``report``. Both training
+    engines call this (Spark on each batch it reads), so they accept and
+    reject exactly the same rows.
+    """
+    # Ids stay Arrow strings until the end: a Python object per row costs GBs at 20M rows.
+    users = pc.utf8_trim_whitespace(table["user_id"])
+    items_raw = pc.utf8_trim_whitespace(table["item_id"])
+    keep = ~_bad_id_mask(users)
+    rejections.add(path, "user_id", ~keep, users, "blank, too long or with control characters")
+    bad_item = _bad_id_mask(items_raw)
+    rejections.add(path, "item_id", bad_item & keep, items_raw, "blank, too long or with control characters")
+    keep &= ~bad_item
+    ts_column = table["timestamp"]
+    if pa.types.is_timestamp(ts_column.type):
+        ts = pc.cast(ts_column, pa.timestamp("s")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        ts = np.nan_to_num(ts.astype("float64"), nan=-1).astype(np.int64)
+        ts_raw = ts
+    else:
+        try:  # fast path: a clean column of unix seconds
+            ts = pc.cast(ts_column, pa.float64()).to_numpy(zero_copy_only=False)
+            ts = np.where(np.isfinite(ts) & (ts >= 0) & (ts <= 4102444800), ts, -1).astype(np.int64)
+            ts_raw = ts_column
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            ts_raw = ts_column.to_numpy(zero_copy_only=False)
+            ts = parse_timestamps(ts_raw, 4102444800)
+    bad_ts = ts < 0
+    ts_values = ts_raw if isinstance(ts_raw, pa.ChunkedArray) else np.asarray(ts_raw, dtype=object)
+    rejections.add(path, "timestamp", bad_ts & keep, ts_values, "not unix seconds or ISO-8601")
+    keep &= ~bad_ts
+    future = ts > latest  # one such row would be the recency weighting's "now" for the whole model
+    rejections.add(path, "timestamp", future & keep, ts_values, "later than a day from now")
+    keep &= ~future
+    numeric_ws = _watch_seconds_fast(table["watch_seconds"]) if "watch_seconds" in table.column_names else None
+    if numeric_ws is not None:
+        ws, bad = numeric_ws
+        rejections.add(path, "watch_seconds", bad & keep, table["watch_seconds"], f"not a number from 0 to {MAX_WATCH_SECONDS:.0f}")
+        keep &= ~bad
+    elif "watch_seconds" in table.column_names:
+        raw = pd.Series(table["watch_seconds"].to_numpy(zero_copy_only=False), dtype=object)
+        blank = raw.isna() | (raw.astype(str).str.strip() == "")
+        seconds = pd.to_numeric(raw.where(~blank), errors="coerce")
+        bad = ((seconds.isna() & ~blank) | (seconds < 0) | (seconds > MAX_WATCH_SECONDS)).to_numpy()
+        rejections.add(path, "watch_seconds", bad & keep, raw.to_numpy(), f"not a number from 0 to {MAX_WATCH_SECONDS:.0f}")
+        keep &= ~bad
+        ws = seconds.to_numpy(dtype="float32", na_value=np.nan)
+    else:
+        ws = np.full(table.num_rows, np.nan, dtype=np.float32)
+    item_rows = pc.index_in(items_raw, value_set=catalog_ids).to_numpy(zero_copy_only=False)
+    unknown = keep & pd.isna(item_rows)
+    if unknown.any():
+        report.unknown_items += int(unknown.sum())
+        for example in pc.unique(items_raw.filter(pa.array(unknown))).to_pylist()[:5]:
+            if len(report.unknown_item_examples) < 5:
+                report.unknown_item_examples.append(str(example))
+    keep &= ~unknown
+    return (
+        users.filter(pa.array(keep)),
+        np.asarray(item_rows[keep], dtype=np.int32),
+        ts[keep],
+        ws[keep],
+    )
+
+
 def load_events(
     spec: str | os.PathLike,
     catalog: Catalog,
@@ -518,7 +588,7 @@ def load_events(
     result is in time order per user (:meth:`Events.in_time_order`).
     """
     report = LoadReport()
-    rejections = _Rejections(report)
+    rejections = Rejections(report)
     user_parts, item_parts, ts_parts, ws_parts = [], [], [], []
     catalog_ids = pa.array(catalog.item_ids.astype(str), type=pa.string())
     paths = expand_paths(spec)
@@ -528,61 +598,11 @@ def load_events(
         table = _read_table(path, ("user_id", "item_id"))
         _require(table, path, EVENT_COLUMNS)
         report.rows_read += table.num_rows
-        # Ids stay Arrow strings until the end: a Python object per row costs GBs at 20M rows.
-        users = pc.utf8_trim_whitespace(table["user_id"])
-        items_raw = pc.utf8_trim_whitespace(table["item_id"])
-        keep = ~_bad_id_mask(users)
-        rejections.add(path, "user_id", ~keep, users, "blank, too long or with control characters")
-        bad_item = _bad_id_mask(items_raw)
-        rejections.add(path, "item_id", bad_item & keep, items_raw, "blank, too long or with control characters")
-        keep &= ~bad_item
-        ts_column = table["timestamp"]
-        if pa.types.is_timestamp(ts_column.type):
-            ts = pc.cast(ts_column, pa.timestamp("s")).cast(pa.int64()).to_numpy(zero_copy_only=False)
-            ts = np.nan_to_num(ts.astype("float64"), nan=-1).astype(np.int64)
-            ts_raw = ts
-        else:
-            try:  # fast path: a clean column of unix seconds
-                ts = pc.cast(ts_column, pa.float64()).to_numpy(zero_copy_only=False)
-                ts = np.where(np.isfinite(ts) & (ts >= 0) & (ts <= 4102444800), ts, -1).astype(np.int64)
-                ts_raw = ts_column
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                ts_raw = ts_column.to_numpy(zero_copy_only=False)
-                ts = parse_timestamps(ts_raw, 4102444800)
-        bad_ts = ts < 0
-        ts_values = ts_raw if isinstance(ts_raw, pa.ChunkedArray) else np.asarray(ts_raw, dtype=object)
-        rejections.add(path, "timestamp", bad_ts & keep, ts_values, "not unix seconds or ISO-8601")
-        keep &= ~bad_ts
-        future = ts > latest  # one such row would be the recency weighting's "now" for the whole model
-        rejections.add(path, "timestamp", future & keep, ts_values, "later than a day from now")
-        keep &= ~future
-        numeric_ws = _watch_seconds_fast(table["watch_seconds"]) if "watch_seconds" in table.column_names else None
-        if numeric_ws is not None:
-            ws, bad = numeric_ws
-            rejections.add(path, "watch_seconds", bad & keep, table["watch_seconds"], f"not a number from 0 to {MAX_WATCH_SECONDS:.0f}")
-            keep &= ~bad
-        elif "watch_seconds" in table.column_names:
-            raw = pd.Series(table["watch_seconds"].to_numpy(zero_copy_only=False), dtype=object)
-            blank = raw.isna() | (raw.astype(str).str.strip() == "")
-            seconds = pd.to_numeric(raw.where(~blank), errors="coerce")
-            bad = ((seconds.isna() & ~blank) | (seconds < 0) | (seconds > MAX_WATCH_SECONDS)).to_numpy()
-            rejections.add(path, "watch_seconds", bad & keep, raw.to_numpy(), f"not a number from 0 to {MAX_WATCH_SECONDS:.0f}")
-            keep &= ~bad
-            ws = seconds.to_numpy(dtype="float32", na_value=np.nan)
-        else:
-            ws = np.full(table.num_rows, np.nan, dtype=np.float32)
-        item_rows = pc.index_in(items_raw, value_set=catalog_ids).to_numpy(zero_copy_only=False)
-        unknown = keep & pd.isna(item_rows)
-        if unknown.any():
-            report.unknown_items += int(unknown.sum())
-            for example in pc.unique(items_raw.filter(pa.array(unknown))).to_pylist()[:5]:
-                if len(report.unknown_item_examples) < 5:
-                    report.unknown_item_examples.append(str(example))
-        keep &= ~unknown
-        user_parts.append(users.filter(pa.array(keep)))
-        item_parts.append(np.asarray(item_rows[keep], dtype=np.int32))
-        ts_parts.append(ts[keep])
-        ws_parts.append(ws[keep])
+        users, item_rows, ts, ws = validate_events(table, path, catalog_ids, latest, rejections, report)
+        user_parts.append(users)
+        item_parts.append(item_rows)
+        ts_parts.append(ts)
+        ws_parts.append(ws)
         if progress is not None:
             progress(path, table.num_rows)
     rejections.check(report.rows_read, max_rejected_share, "events")

@@ -93,26 +93,36 @@ class Embeddings:
 
 
 def event_weights(events: Events, catalog: Catalog, params: ModelParams) -> np.ndarray:
-    """Per-viewing weight = completion x recency.
+    """Per-viewing weight = completion x recency (:func:`viewing_weights`), relative to the newest event."""
+    minutes = catalog.items["episode_minutes"].to_numpy(dtype=np.float32)[events.item]
+    age_days = (events.timestamp.max() - events.timestamp) / 86400.0 if len(events) else np.zeros(0)
+    return viewing_weights(events.watch_seconds, minutes, age_days, params)
+
+
+def viewing_weights(watch_seconds: np.ndarray, minutes: np.ndarray, age_days: np.ndarray, params: ModelParams) -> np.ndarray:
+    """The confidence rule's per-viewing weight, for any engine (the Spark one applies it per batch).
 
     Completion is watch time over the episode length (unknown -> a full
     viewing); abandoned episodes count little. Recency halves every
-    ``recency_half_life_days`` down to ``recency_floor``, relative to the
-    newest event, so old tastes still count but recent ones lead.
+    ``recency_half_life_days`` down to ``recency_floor``, by ``age_days``
+    before the newest event, so old tastes still count but recent ones lead.
     """
-    minutes = catalog.items["episode_minutes"].to_numpy(dtype=np.float32)[events.item]
-    completion = np.ones(len(events), dtype=np.float32)
-    known = np.isfinite(events.watch_seconds) & np.isfinite(minutes) & (minutes > 0)
-    completion[known] = np.clip(events.watch_seconds[known] / (minutes[known] * 60.0), 0.05, 1.0)
-    unknown_length = np.isfinite(events.watch_seconds) & ~known
+    completion = np.ones(len(watch_seconds), dtype=np.float32)
+    known = np.isfinite(watch_seconds) & np.isfinite(minutes) & (minutes > 0)
+    completion[known] = np.clip(watch_seconds[known] / (minutes[known] * 60.0), 0.05, 1.0)
+    unknown_length = np.isfinite(watch_seconds) & ~known
     # No episode length: 30 minutes of watching counts as a full viewing.
-    completion[unknown_length] = np.clip(events.watch_seconds[unknown_length] / 1800.0, 0.05, 1.0)
-    if params.recency_half_life_days > 0 and len(events):
-        age_days = (events.timestamp.max() - events.timestamp) / 86400.0
-        decay = np.power(0.5, age_days / params.recency_half_life_days, dtype=np.float64)
+    completion[unknown_length] = np.clip(watch_seconds[unknown_length] / 1800.0, 0.05, 1.0)
+    if params.recency_half_life_days > 0 and len(watch_seconds):
+        decay = np.power(0.5, np.asarray(age_days, dtype=np.float64) / params.recency_half_life_days)
         recency = params.recency_floor + (1.0 - params.recency_floor) * decay
         return (completion * recency).astype(np.float32)
     return completion
+
+
+def scaled_confidence(summed_weights: np.ndarray, params: ModelParams) -> np.ndarray:
+    """ALS confidence of a (user, title) from its summed viewing weights: log-scaled, so binges do not dominate."""
+    return (1.0 + params.alpha * np.log1p(np.asarray(summed_weights) / params.eps)).astype(np.float32)
 
 
 def confidence_matrix(events: Events, catalog: Catalog, params: ModelParams) -> sp.csr_matrix:
@@ -121,7 +131,7 @@ def confidence_matrix(events: Events, catalog: Catalog, params: ModelParams) -> 
     n_users, n_items = len(events.user_ids), len(catalog)
     summed = sp.csr_matrix((weights, (events.user, events.item)), shape=(n_users, n_items), dtype=np.float32)
     summed.sum_duplicates()
-    summed.data = (1.0 + params.alpha * np.log1p(summed.data / params.eps)).astype(np.float32)
+    summed.data = scaled_confidence(summed.data, params)
     return summed
 
 
@@ -314,16 +324,7 @@ def learn_embeddings(
         timings["content_model"] = time.perf_counter() - started
         sequence = sequence_future.result()
 
-    # Evidence weight: 0 viewers -> content only; many viewers -> collaborative.
-    trust = (viewers / (viewers + params.content_shrink)).astype(np.float32)[:, None]
-    vectors = (trust * cf_items + (1.0 - trust) * content).astype(np.float32)
-    cold = viewers == 0
-    if params.cold_norm_quantile > 0 and cold.any() and (~cold).any():
-        # Regression shrinks predictions towards the mean, so content-only vectors come out
-        # short and never win a dot product: give them a typical warm title's length.
-        target = np.quantile(np.linalg.norm(cf_items[~cold], axis=1), params.cold_norm_quantile)
-        lengths = np.linalg.norm(vectors[cold], axis=1, keepdims=True)
-        vectors[cold] *= (target / np.maximum(lengths, 1e-9)).astype(np.float32)
+    vectors = blend_vectors(cf_items, content, viewers, params)
     return Embeddings(
         vectors=vectors,
         cf_vectors=cf_items,
@@ -334,6 +335,21 @@ def learn_embeddings(
         params=params,
         timings=timings,
     )
+
+
+def blend_vectors(cf_items: np.ndarray, content: np.ndarray, viewers: np.ndarray, params: ModelParams) -> np.ndarray:
+    """A title's final vector: collaborative and content vectors weighed by its evidence (distinct viewers)."""
+    # 0 viewers -> content only; many viewers -> collaborative.
+    trust = (viewers / (viewers + params.content_shrink)).astype(np.float32)[:, None]
+    vectors = (trust * cf_items + (1.0 - trust) * content).astype(np.float32)
+    cold = viewers == 0
+    if params.cold_norm_quantile > 0 and cold.any() and (~cold).any():
+        # Regression shrinks predictions towards the mean, so content-only vectors come out
+        # short and never win a dot product: give them a typical warm title's length.
+        target = np.quantile(np.linalg.norm(cf_items[~cold], axis=1), params.cold_norm_quantile)
+        lengths = np.linalg.norm(vectors[cold], axis=1, keepdims=True)
+        vectors[cold] *= (target / np.maximum(lengths, 1e-9)).astype(np.float32)
+    return vectors
 
 
 def sequence_neighbors(
@@ -350,15 +366,32 @@ def sequence_neighbors(
     sparse build, with no items x items dense matrix.
     """
     events = events.in_time_order()
-    users, items = events.user, events.item
+    if viewers is None:
+        viewers = np.bincount(
+            np.unique(events.user.astype(np.int64) * n_items + events.item) % n_items, minlength=n_items
+        )
+    rows, cols, weights = sequence_pairs(events.user, events.item, params)
+    if not len(rows):
+        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    upper = sp.coo_matrix((weights, (rows, cols)), shape=(n_items, n_items)).tocsr()  # sums repeated pairs
+    del rows, cols, weights
+    matrix = (upper + upper.T).tocsr()
+    scale = popularity_scale(viewers, params)
+    matrix.data *= scale[np.repeat(np.arange(n_items), np.diff(matrix.indptr))] * scale[matrix.indices]
+    return prune_rows(matrix, params.seq_neighbors)
+
+
+def sequence_pairs(users: np.ndarray, items: np.ndarray, params: ModelParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Watched-next pairs (smaller title, larger title, weight) of time-ordered viewings, one entry per occurrence.
+
+    ``users``/``items`` are in time order per user (every viewing of a user
+    together). Episodes of one show in a row count once; two titles within
+    ``seq_window`` positions weigh exp(-(distance - 1) / tau). Shared by both
+    training engines (Spark calls it on each partition of users).
+    """
     new_title = np.ones(len(users), dtype=bool)
     new_title[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
     users, items = users[new_title], items[new_title]
-    if viewers is None:
-        viewers = np.bincount(
-            np.unique(users.astype(np.int64) * n_items + items) % n_items, minlength=n_items
-        )
-    # Each pair once (smaller title first), summed by the sparse build, then mirrored.
     rows, cols, weights = [], [], []
     for distance in range(1, params.seq_window + 1):
         same_user = users[distance:] == users[:-distance]
@@ -368,16 +401,14 @@ def sequence_neighbors(
         rows.append(np.minimum(a, b))
         cols.append(np.maximum(a, b))
         weights.append(np.full(len(a), np.exp(-(distance - 1) / params.seq_tau), dtype=np.float32))
-    if not rows or not sum(len(r) for r in rows):
-        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    upper = sp.coo_matrix(
-        (np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items)
-    ).tocsr()  # sums repeated pairs
-    del rows, cols, weights
-    matrix = (upper + upper.T).tocsr()
-    scale = (1.0 / (np.asarray(viewers, dtype=np.float64) + 1.0) ** params.seq_pop_exponent).astype(np.float32)
-    matrix.data *= scale[np.repeat(np.arange(n_items), np.diff(matrix.indptr))] * scale[matrix.indices]
-    return prune_rows(matrix, params.seq_neighbors)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(weights)
+
+
+def popularity_scale(viewers: np.ndarray, params: ModelParams) -> np.ndarray:
+    """Per-title factor of a watched-next strength: 1 / (viewers + 1) ** seq_pop_exponent (hits are no one's neighbour)."""
+    return (1.0 / (np.asarray(viewers, dtype=np.float64) + 1.0) ** params.seq_pop_exponent).astype(np.float32)
 
 
 def prune_rows(matrix: sp.csr_matrix, keep: int) -> sp.csr_matrix:
