@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import scipy.sparse as sp
 
 from models.build import annoy_bytes, build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
-from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, load_catalog, load_events
+from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, LoadReport, load_catalog, load_events
 from models.embeddings import ModelParams, learn_embeddings, train_threads
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import compact, take_for_job
@@ -42,6 +43,9 @@ log = logging.getLogger("jobs.nightly")
 EVAL_K = 10
 MAX_EVAL_USERS = 20000  # evaluation cost grows with users; a sample this size is plenty stable
 MAX_EVAL_EVENTS = 1_000_000  # events of the users the evaluation model trains on (see evaluation_sample)
+
+
+ENGINES = ("implicit", "spark")
 
 
 @dataclass
@@ -61,6 +65,7 @@ class NightlyConfig:
     select: bool = True  # tune hyperparameters on a validation split (needs evaluate)
     selection_budget: float | None = None  # seconds; None = grows with the data
     cold_start: bool = True  # measure how well content alone places held-out titles
+    engine: str = os.environ.get("TRAIN_ENGINE", "implicit")  # "implicit" (one machine) or "spark" (jobs.spark_engine)
     text: bool = os.environ.get("TEXT_EMBEDDINGS", "1") != "0"  # embed catalogue synopses (models.text)
     text_cache: str | None = os.environ.get("TEXT_CACHE") or None  # folder of cached text vectors (var/text-cache)
     live_events: bool = True  # also train on the events stream (POST /events), see models.live_events
@@ -102,8 +107,15 @@ class NightlyResult:
     parts: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
+def implicit_top_k(train: Events, catalog: Catalog, params: ModelParams, users: np.ndarray, k: int, show_progress: bool = False):
+    """The first engine's served top-k lists of ``users``, from a model trained on ``train``."""
+    embeddings = learn_embeddings(train, catalog, params, show_progress=show_progress)
+    return served_top_k(train, catalog, embeddings, params, users, k)
+
+
 def evaluate_params(
-    train: Events, test_mask_events: Events, catalog: Catalog, params: ModelParams, show_progress: bool, seed: int = 0
+    train: Events, test_mask_events: Events, catalog: Catalog, params: ModelParams, show_progress: bool, seed: int = 0,
+    rank=None,
 ) -> dict:
     """Train on ``train``, score top-k for users with held-out titles, compare to popularity."""
     truth: dict[int, set[int]] = {}
@@ -112,12 +124,17 @@ def evaluate_params(
     users = np.array(sorted(truth), dtype=np.int64)
     if len(users) > MAX_EVAL_USERS:
         users = np.sort(np.random.default_rng(seed).choice(users, MAX_EVAL_USERS, replace=False))
-    embeddings = learn_embeddings(train, catalog, params, show_progress=show_progress)
-    seen = (embeddings.confidence > 0).tocsr()
     relevant = [truth[int(u)] for u in users]
-    model_lists = served_top_k(train, catalog, embeddings, params, users, EVAL_K)
+    if rank is None:
+        model_lists = implicit_top_k(train, catalog, params, users, EVAL_K, show_progress)
+    else:
+        model_lists = rank(train, catalog, params, users, EVAL_K)
     metrics = ranking_metrics(model_lists, relevant, EVAL_K, len(catalog))
     ranking = popularity_ranking(train, len(catalog))
+    seen = sp.csr_matrix(
+        (np.ones(len(train), np.float32), (train.user, train.item)), shape=(len(train.user_ids), len(catalog))
+    )
+    seen.sum_duplicates()
     popular_lists = [
         recommend_popular(ranking, set(seen.indices[seen.indptr[u] : seen.indptr[u + 1]].tolist()), EVAL_K) for u in users
     ]
@@ -125,9 +142,49 @@ def evaluate_params(
     return {"model": metrics, "popularity": baseline}
 
 
+def evaluate_on_sample(
+    config: NightlyConfig, evaluated: Events, catalog: Catalog, params: ModelParams, n_events: int, timings: dict,
+    rank=None,
+) -> tuple[ModelParams, dict, list[dict]]:
+    """Selection, the holdout evaluation and the cold-start check on a sample of whole users (either engine).
+
+    ``rank(train, catalog, params, users, k)``: the engine's top-k lists of
+    ``users`` from a model trained on ``train``; the implicit engine's by default.
+    Returns (chosen parameters, metrics, selection trials).
+    """
+    report("evaluate", 0, 1)
+    started = time.perf_counter()
+    selection: list[dict] = []
+    train_mask = holdout_split(evaluated, config.holdout, config.split, seed=params.seed)
+    train = evaluated.subset(train_mask)
+    if config.select:
+        # Tuned on a validation split of the training part only: the holdout stays unseen.
+        report("select", 0, 1)
+        selected_at = time.perf_counter()
+        params, selection = select_params(
+            train, catalog, params, config.split, config.selection_budget, params.seed, final_events=n_events
+        )
+        timings["select"] = time.perf_counter() - selected_at
+    evaluation = evaluate_params(
+        train, evaluated.subset(~train_mask), catalog, params.at_scale(train), config.show_progress, rank=rank
+    )
+    evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
+    if config.cold_start:
+        report("cold_start", 0, 1)
+        cold_at = time.perf_counter()
+        evaluation["cold_start"] = cold_start_evaluation(train, catalog, params, seed=params.seed)
+        timings["cold_start"] = time.perf_counter() - cold_at
+    timings["evaluate"] = time.perf_counter() - started
+    log.info(
+        "holdout nDCG@%d %.4f (popularity %.4f), recall@%d %.4f, coverage %.3f",
+        EVAL_K, evaluation["model"][f"ndcg@{EVAL_K}"], evaluation["popularity"][f"ndcg@{EVAL_K}"],
+        EVAL_K, evaluation["model"][f"recall@{EVAL_K}"], evaluation["model"]["coverage"],
+    )
+    return params, evaluation, selection
+
+
 def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> NightlyResult:
     timings: dict[str, float] = {}
-    params = config.params
     if store is None and config.publish:
         store = ModelStore(redis_from_url(config.redis_url), config.prefix)
     if store is not None:
@@ -143,51 +200,93 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         if live_files:
             events_spec = ",".join([config.events, *map(str, live_files)])
     catalog, catalog_report = load_catalog(config.catalog, config.max_rejected_share)
-    events, events_report = load_events(events_spec, catalog, config.max_rejected_share)
-    live_dir.cleanup()
-    timings["load"] = time.perf_counter() - started
+    timings["load_catalog"] = time.perf_counter() - started
     text_info = None
     if config.text and catalog.has_text:
         report("text", 0, 1)
         started = time.perf_counter()
         catalog, text_info = embed_catalog(catalog, config.text_cache, config.show_progress)
         timings["text"] = time.perf_counter() - started
+    if config.engine == "spark":
+        from jobs.spark_engine import train_spark
+
+        trained = train_spark(config, events_spec, catalog, timings)
+    else:
+        trained = train_implicit(config, events_spec, catalog, timings)
+    live_dir.cleanup()
+    parts, params, events_report = trained.parts, trained.params, trained.events_report
+    if catalog.text_vectors is not None:  # GET /search: titles by meaning
+        parts["text_vectors.npy"] = npy_bytes(catalog.text_vectors.astype(np.float16))
+        parts["text.ann"] = annoy_bytes(catalog.text_vectors, "angular", max(10, params.n_trees // 2), params.seed)
+
+    meta = {
+        "created_at": time.time(),
+        "counts": {
+            "titles": len(catalog),
+            "users": trained.users,
+            "events": trained.events,
+            "titles_with_viewers": trained.titles_with_viewers,
+            "rows_rejected": events_report.rejected_total + catalog_report.rejected_total,
+            "events_unknown_title": events_report.unknown_items,
+        },
+        "inputs": {"events": events_report.as_dict(), "catalog": catalog_report.as_dict()},
+        "params": params.as_dict(),
+        "selection": trained.selection,
+        "scaled_regularization": trained.scaled,
+        "metrics": trained.evaluation,
+        "timings": timings,
+        "text": text_info,
+        "engine": trained.engine,
+    }
+    if live_info is not None:
+        meta["live_events"] = live_info  # goes live with the version, atomically (exactly-once)
+    version = None
+    if config.publish:
+        report("publish", 0, 1)
+        started = time.perf_counter()
+        version = store.publish(parts, meta, activate=config.activate, keep=config.keep)
+        timings["publish"] = time.perf_counter() - started
+        meta["model_version"] = version
+        if config.activate:
+            compact_live_events(store, config)
+    if config.publish:
+        # The trending row of /page, from the events this run read (refreshed hourly by jobs.trending).
+        store.redis.set(store.keys.trending, trained.trending)
+    return NightlyResult(version=version, meta=meta, timings=timings, parts=parts)
+
+
+@dataclass
+class Trained:
+    """What a training engine hands back to the job: every part but the text ones, and what the metadata says."""
+
+    parts: dict[str, bytes]
+    params: ModelParams
+    evaluation: dict | None
+    selection: list[dict]
+    scaled: dict | None
+    events_report: LoadReport
+    users: int
+    events: int
+    titles_with_viewers: int
+    trending: bytes  # the trending record (models.trending) of the events trained on
+    engine: str
+
+
+def train_implicit(config: NightlyConfig, events_spec: str, catalog: Catalog, timings: dict) -> Trained:
+    """The first engine, on one machine: load -> evaluate (select) -> ALS (implicit) + content -> parts -> candidates."""
+    params = config.params
+    started = time.perf_counter()
+    events, events_report = load_events(events_spec, catalog, config.max_rejected_share)
+    timings["load"] = time.perf_counter() - started
     log.info(
         "loaded %d titles, %d events from %d users (%d rows rejected, %d events for unknown titles)",
         len(catalog), len(events), len(events.user_ids), events_report.rejected_total, events_report.unknown_items,
     )
 
-    evaluation = None
-    selection: list[dict] = []
+    evaluation, selection = None, []
     if config.evaluate:
-        report("evaluate", 0, 1)
-        started = time.perf_counter()
-        evaluated = evaluation_sample(events, MAX_EVAL_EVENTS, seed=params.seed)
-        train_mask = holdout_split(evaluated, config.holdout, config.split, seed=params.seed)
-        train = evaluated.subset(train_mask)
-        if config.select:
-            # Tuned on a validation split of the training part only: the holdout stays unseen.
-            report("select", 0, 1)
-            selected_at = time.perf_counter()
-            params, selection = select_params(
-                train, catalog, params, config.split, config.selection_budget, params.seed, final_events=len(events)
-            )
-            timings["select"] = time.perf_counter() - selected_at
-        evaluation = evaluate_params(
-            train, evaluated.subset(~train_mask), catalog, params.at_scale(train), config.show_progress
-        )
-        evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
-        if config.cold_start:
-            report("cold_start", 0, 1)
-            cold_at = time.perf_counter()
-            evaluation["cold_start"] = cold_start_evaluation(train, catalog, params, seed=params.seed)
-            timings["cold_start"] = time.perf_counter() - cold_at
-        timings["evaluate"] = time.perf_counter() - started
-        log.info(
-            "holdout nDCG@%d %.4f (popularity %.4f), recall@%d %.4f, coverage %.3f",
-            EVAL_K, evaluation["model"][f"ndcg@{EVAL_K}"], evaluation["popularity"][f"ndcg@{EVAL_K}"],
-            EVAL_K, evaluation["model"][f"recall@{EVAL_K}"], evaluation["model"]["coverage"],
-        )
+        sample = evaluation_sample(events, MAX_EVAL_EVENTS, seed=params.seed)
+        params, evaluation, selection = evaluate_on_sample(config, sample, catalog, params, len(events), timings)
 
     report("train", 0, 1)
     started = time.perf_counter()
@@ -205,9 +304,6 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     started = time.perf_counter()
     parts = build_parts(catalog, events, embeddings, params)
     parts["map.npy"] = npy_bytes(projection(embeddings.vectors))  # the dashboard's embedding map
-    if catalog.text_vectors is not None:  # GET /search: titles by meaning
-        parts["text_vectors.npy"] = npy_bytes(catalog.text_vectors.astype(np.float16))
-        parts["text.ann"] = annoy_bytes(catalog.text_vectors, "angular", max(10, params.n_trees // 2), params.seed)
     timings["index"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -225,39 +321,11 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     parts["candidate_because.npy"] = npy_bytes(because)
     timings["candidates"] = time.perf_counter() - started
 
-    meta = {
-        "created_at": time.time(),
-        "counts": {
-            "titles": len(catalog),
-            "users": len(events.user_ids),
-            "events": len(events),
-            "titles_with_viewers": int((embeddings.viewers > 0).sum()),
-            "rows_rejected": events_report.rejected_total + catalog_report.rejected_total,
-            "events_unknown_title": events_report.unknown_items,
-        },
-        "inputs": {"events": events_report.as_dict(), "catalog": catalog_report.as_dict()},
-        "params": params.as_dict(),
-        "selection": selection,
-        "scaled_regularization": scaled,
-        "metrics": evaluation,
-        "timings": timings,
-        "text": text_info,
-    }
-    if live_info is not None:
-        meta["live_events"] = live_info  # goes live with the version, atomically (exactly-once)
-    version = None
-    if config.publish:
-        report("publish", 0, 1)
-        started = time.perf_counter()
-        version = store.publish(parts, meta, activate=config.activate, keep=config.keep)
-        timings["publish"] = time.perf_counter() - started
-        meta["model_version"] = version
-        if config.activate:
-            compact_live_events(store, config)
-    if config.publish:
-        # The trending row of /page, from the events this run read (refreshed hourly by jobs.trending).
-        store.redis.set(store.keys.trending, trending_record(list(catalog.item_ids), events.item, events.timestamp))
-    return NightlyResult(version=version, meta=meta, timings=timings, parts=parts)
+    return Trained(
+        parts=parts, params=params, evaluation=evaluation, selection=selection, scaled=scaled, events_report=events_report,
+        users=len(events.user_ids), events=len(events), titles_with_viewers=int((embeddings.viewers > 0).sum()),
+        trending=trending_record(list(catalog.item_ids), events.item, events.timestamp), engine="implicit",
+    )  # fmt: skip
 
 
 def compact_live_events(store: ModelStore, config: NightlyConfig) -> dict | None:
@@ -324,6 +392,7 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
     parser.add_argument("--prefix", default=os.environ.get("REDIS_PREFIX", "recs"), help="key prefix, to run several catalogues in one Redis")
     parser.add_argument("--split", choices=("random", "temporal"), default="temporal", help="holdout: each user's random or most recent titles")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of each user's titles held out for evaluation")
+    parser.add_argument("--engine", choices=ENGINES, default=os.environ.get("TRAIN_ENGINE", "implicit"), help="training engine: implicit (one machine) or spark (SPARK_MASTER, default local[*]; see docs/scaling.md) (env TRAIN_ENGINE)")
     parser.add_argument("--no-eval", action="store_true", help="skip the holdout evaluation (faster, no metrics)")
     parser.add_argument("--no-select", action="store_true", help="skip hyperparameter selection; use the given parameters")
     parser.add_argument("--selection-budget", type=float, default=None, help="seconds for selection (default grows with the data)")
@@ -367,6 +436,7 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
         run_id=args.run_id,
         force=args.force,
         gate_tolerance=args.gate_tolerance,
+        engine=args.engine,
     )
 
 

@@ -226,11 +226,15 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def _require(table: pa.Table, path: Path, required: tuple[str, ...]) -> None:
-    missing = [name for name in required if name not in table.column_names]
+    require_columns(table.column_names, path, required)
+
+
+def require_columns(names: list[str], path: Path, required: tuple[str, ...]) -> None:
+    missing = [name for name in required if name not in names]
     if missing:
         raise DataError(
             f"{path}: missing required column(s) {', '.join(repr(m) for m in missing)}; "
-            f"found {', '.join(repr(c) for c in table.column_names)}"
+            f"found {', '.join(repr(c) for c in names)}"
         )
 
 

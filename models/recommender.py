@@ -21,6 +21,7 @@ Parts (all written by :mod:`models.build`):
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -112,6 +113,19 @@ class Recommender:
         for index in (self.rec_index, self.sim_index, self.text_index):
             if index is not None:
                 index.unload()
+
+    def with_histories(self, user_ids, indptr: np.ndarray, items: np.ndarray, weights: np.ndarray) -> Recommender:
+        """This version's item side with other users' histories (CSR, newest first), sharing everything else.
+
+        The Spark engine ranks each partition of users on its executors this way,
+        with the same code the job and the service use.
+        """
+        view = copy.copy(self)
+        view.user_ids = list(user_ids)
+        view.user_index = {user_id: row for row, user_id in enumerate(view.user_ids)}
+        view.hist_indptr, view.hist_items, view.hist_weights = indptr, items, weights
+        view.candidates = view.candidate_scores = view.candidate_because = None
+        return view
 
     # -- history -------------------------------------------------------------------
     def history(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -30,17 +30,25 @@ KEEP = 500
 DAY = 86_400
 
 
+def window_edges(timestamp_max: float, now: float | None = None) -> tuple[float, float, float]:
+    """(reference, start of the recent window, start of the long window) for events up to ``timestamp_max``."""
+    reference = min(float(timestamp_max), time.time() if now is None else now)
+    recent_from = reference - RECENT_DAYS * DAY
+    return reference, recent_from, recent_from - LONG_DAYS * DAY
+
+
 def trending(item: np.ndarray, timestamp: np.ndarray, n_items: int, now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(item indices, scores, recent viewings) of the trending titles, best first (at most ``KEEP``)."""
     if len(timestamp) == 0:
         return np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64)
-    reference = min(float(timestamp.max()), time.time() if now is None else now)
-    recent_from = reference - RECENT_DAYS * DAY
-    long_from = recent_from - LONG_DAYS * DAY
+    reference, recent_from, long_from = window_edges(timestamp.max(), now)
     in_recent = (timestamp > recent_from) & (timestamp <= reference)
     in_long = (timestamp > long_from) & (timestamp <= recent_from)
-    recent = np.bincount(item[in_recent], minlength=n_items)
-    long = np.bincount(item[in_long], minlength=n_items)
+    return trending_from_counts(np.bincount(item[in_recent], minlength=n_items), np.bincount(item[in_long], minlength=n_items))
+
+
+def trending_from_counts(recent: np.ndarray, long: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rule on each title's viewings in the recent and the long window (any engine counts them)."""
     score = (recent / RECENT_DAYS + PRIOR_PER_DAY) / (long / LONG_DAYS + PRIOR_PER_DAY)
     candidates = np.flatnonzero((recent >= MIN_RECENT) & (score > 1.0))
     order = candidates[np.lexsort((-recent[candidates], -score[candidates]))][:KEEP]
@@ -49,7 +57,11 @@ def trending(item: np.ndarray, timestamp: np.ndarray, n_items: int, now: float |
 
 def trending_record(item_ids, item: np.ndarray, timestamp: np.ndarray, now: float | None = None) -> bytes:
     rows, scores, counts = trending(item, timestamp, len(item_ids), now)
-    reference = min(float(timestamp.max()), time.time() if now is None else now) if len(timestamp) else None
+    reference = window_edges(timestamp.max(), now)[0] if len(timestamp) else None
+    return record(item_ids, rows, scores, counts, reference)
+
+
+def record(item_ids, rows: np.ndarray, scores: np.ndarray, counts: np.ndarray, reference: float | None) -> bytes:
     return orjson.dumps(
         {
             "computed_at": time.time(),
