@@ -74,9 +74,13 @@ class ModelParams:
         ALS's best L2 penalty grows with the square root of the users it is fitted on
         (held-out nDCG@10 at 1M, 4M and 20M events of the demo data, 7k to 150k users).
         """
+        return self.for_users(events.active_users())
+
+    def for_users(self, users: int) -> ModelParams:
+        """:meth:`at_scale` for a fit on ``users`` users (the Spark engine counts them on the cluster)."""
         if self.regularization_users <= 0:
             return self
-        factor = math.sqrt(max(events.active_users(), 1) / self.regularization_users)
+        factor = math.sqrt(max(users, 1) / self.regularization_users)
         return replace(self, regularization=self.regularization * factor, regularization_users=0)
 
 
