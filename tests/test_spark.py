@@ -1,0 +1,251 @@
+"""The Spark engine (jobs.spark_engine): the first engine's rules on a real Spark, local and a standalone cluster.
+
+The rules are compared with the first engine on the same events (validation,
+confidences, viewers, watched-next); whole jobs run as cron would run them,
+publish to a real redis-server, and the service serves what they published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.data import DataError, load_catalog, load_events
+from models.embeddings import ModelParams, confidence_matrix, learn_embeddings
+from models.store import ModelStore
+from tests.conftest import free_port, write_csv
+from tests.helpers import nightly_command
+
+pyspark = pytest.importorskip("pyspark")
+if shutil.which("java") is None:
+    pytest.skip("Java is needed for Spark (openjdk-17-jre-headless)", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spark_env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TEXT_EMBEDDINGS="0", SPARK_LOCAL_IP="127.0.0.1")
+    env.setdefault("SPARK_MASTER", "local[2]")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ["SPARK_MASTER"] = "local[2]"
+    os.environ["SPARK_LOG"] = str(tmp_path_factory.mktemp("spark-log") / "spark.log")
+    from jobs.spark_engine import spark_session
+
+    with spark_session("recs-tests") as session:
+        yield session
+
+
+def test_spark_validates_with_the_loaders_rules(spark, tiny_catalog, tmp_path):
+    from jobs.spark_engine import read_events
+
+    catalog, _ = load_catalog(tiny_catalog)
+    rows = ["user_id,item_id,timestamp,watch_seconds"]
+    rows += [f"u{n % 7},{'abc'[n % 3]},{1_600_000_000 + n * 60},{n % 50 * 60}" for n in range(300)]
+    rows += [",a,1600000000,10", "u1,zz,1600000000,5", "u2,b,yesterday,10", "u3,c,1600000000,-4", "u4,a,4000000000,1"]
+    events_path = write_csv(tmp_path / "events.csv", "\n".join(rows) + "\n")
+
+    expected, expected_report = load_events(events_path, catalog, max_rejected_share=0.5)
+    frame, users, report = read_events(spark, str(events_path), catalog, 0.5)
+    assert report.rows_read == expected_report.rows_read == 305
+    assert report.rows_rejected == expected_report.rows_rejected and report.rejected_total == 4
+    assert report.unknown_items == expected_report.unknown_items == 1
+    assert [r.user_id for r in users.orderBy("user").collect()] == list(expected.user_ids)
+    got = frame.orderBy("user", "timestamp", "item").toPandas()
+    assert got["user"].tolist() == expected.user.tolist()
+    assert got["item"].tolist() == expected.item.tolist()
+    assert got["timestamp"].tolist() == expected.timestamp.tolist()
+    np.testing.assert_allclose(got["watch_seconds"].to_numpy(), expected.watch_seconds)
+
+    # Over the allowed share: the loader's error, naming the file and the column, nothing read further.
+    with pytest.raises(DataError) as strict:
+        read_events(spark, str(events_path), catalog, 0.001)
+    message = str(strict.value)
+    assert "4 of 305 rows" in message and f"{events_path}: column 'timestamp'" in message
+    assert "rows not numbered: read by Spark" in message
+    with pytest.raises(DataError, match="missing required column"):
+        read_events(spark, str(write_csv(tmp_path / "bad.csv", "user,item_id,timestamp\nu,a,1\n")), catalog, 0.5)
+    with pytest.raises(DataError, match="no such file"):
+        read_events(spark, str(tmp_path / "absent.csv"), catalog, 0.5)
+
+
+def test_spark_fit_follows_the_first_engines_rules(spark, demo_files):
+    """Confidences, viewers and watched-next neighbours equal the first engine's on the same events."""
+    from jobs.spark_engine import fit, read_events
+
+    catalog, _ = load_catalog(demo_files["catalog"])
+    events, _ = load_events(demo_files["events"], catalog)
+    params = ModelParams(iterations=3, content_steps=20, seq_neighbors=10_000)  # no pruning ties to break
+    frame, _, _ = read_events(spark, str(demo_files["events"]), catalog, 0.01)
+    model = fit(spark, frame, len(events.user_ids), catalog, params)
+    reference = learn_embeddings(events, catalog, params, show_progress=False)
+
+    np.testing.assert_array_equal(model.viewers, reference.viewers)
+    expected = confidence_matrix(events, catalog, params).tocoo()
+    got = model.confidence.orderBy("user", "item").toPandas()
+    order = np.lexsort((expected.col, expected.row))
+    assert got["user"].tolist() == expected.row[order].tolist() and got["item"].tolist() == expected.col[order].tolist()
+    np.testing.assert_allclose(got["confidence"].to_numpy(), expected.data[order], rtol=1e-4)
+    assert model.sequence.nnz == reference.sequence.nnz > 0
+    np.testing.assert_array_equal(model.sequence.indptr, reference.sequence.indptr)
+    np.testing.assert_array_equal(model.sequence.indices, reference.sequence.indices)
+    np.testing.assert_allclose(model.sequence.data, reference.sequence.data, rtol=1e-4)
+    # ALS is MLlib's own: its item vectors differ from implicit's, but they place titles as well.
+    assert model.vectors.shape == reference.vectors.shape and np.isfinite(model.vectors).all()
+    assert np.abs(model.vectors).sum(axis=1).min() > 0
+
+
+def _published_parts(store: ModelStore) -> tuple[str, dict]:
+    version = store.live_version()
+    assert version
+    return version, store.meta(version)
+
+
+def test_spark_job_publishes_a_version_the_service_serves(redis_server, redis_client, demo_files, tmp_path):
+    """The job on local[2], evaluation included; the service answers from it as from the first engine's."""
+    env = spark_env(REDIS_URL=redis_server.url, SPARK_LOG=str(tmp_path / "spark.log"))
+    spark_run = subprocess.run(
+        nightly_command(demo_files["events"], demo_files["catalog"], "--engine", "spark", "--prefix", "sp", "--n-trees", "10"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert spark_run.returncode == 0, spark_run.stdout + spark_run.stderr
+    assert "spark: ALS" in spark_run.stderr
+    assert "WARN" not in spark_run.stderr and "log4j" not in spark_run.stderr  # Spark's console noise is in SPARK_LOG
+    assert (tmp_path / "spark.log").stat().st_size > 0
+    implicit_run = subprocess.run(
+        nightly_command(demo_files["events"], demo_files["catalog"], "--prefix", "im", "--n-trees", "10"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert implicit_run.returncode == 0, implicit_run.stderr
+
+    spark_store, implicit_store = ModelStore(redis_client, "sp"), ModelStore(redis_client, "im")
+    spark_version, spark_meta = _published_parts(spark_store)
+    implicit_version, implicit_meta = _published_parts(implicit_store)
+    assert spark_meta["engine"] == "spark" and implicit_meta["engine"] == "implicit"
+    assert spark_meta["counts"] == implicit_meta["counts"]
+    assert set(spark_meta["parts"]) == set(implicit_meta["parts"])
+    assert spark_meta["metrics"]["model"]["ndcg@10"] > spark_meta["metrics"]["popularity"]["ndcg@10"] * 0.9
+
+    opened = {}
+    for prefix in ("sp", "im"):
+        client = serving(redis_server, prefix, tmp_path / f"cache-{prefix}")
+        model = client.application.extensions["live_model"].current
+        opened[prefix] = model
+        user = model.user_ids[5]
+        answer = client.get(f"/recommend?user={user}&k=10")
+        assert answer.status_code == 200, answer.get_json()
+        body = answer.get_json()
+        assert body["strategy"] == "personalized" and len(body["items"]) == 10
+        assert any(item.get("because") for item in body["items"])
+        assert client.get(f"/similar?item={model.item_ids[3]}").status_code == 200
+        assert client.get(f"/page?user={user}").status_code == 200
+    spark_model, implicit_model = opened["sp"], opened["im"]
+    assert spark_model.user_ids == implicit_model.user_ids
+    for name in ("hist_indptr", "hist_items", "popular"):
+        np.testing.assert_array_equal(getattr(spark_model, name), getattr(implicit_model, name))
+    np.testing.assert_allclose(spark_model.hist_weights, implicit_model.hist_weights, rtol=1e-4)
+    for name in ("candidates", "candidate_scores", "candidate_because", "vectors"):
+        a, b = getattr(spark_model, name), getattr(implicit_model, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+
+
+def serving(redis_server, prefix: str, cache: Path):
+    """A Flask test client of the service on ``prefix``'s live version."""
+    from app import create_app
+
+    app = create_app(
+        {"REDIS_URL": redis_server.url, "REDIS_PREFIX": prefix, "MODEL_CACHE_DIR": str(cache), "MODEL_WATCHER": False,
+         "TESTING": True, "SEARCH_ENCODER": "off"}
+    )  # fmt: skip
+    app.extensions["live_model"].refresh()
+    return app.test_client()
+
+
+def _wait_for(url: str, ready, seconds: float = 60.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                body = json.loads(answer.read())
+                if ready(body):
+                    return body
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready in {seconds}s")
+
+
+@pytest.fixture
+def standalone_cluster(tmp_path):
+    """A Spark standalone master and two workers (1 core, 1 GB each) from the pyspark package, on localhost."""
+    spark_home = Path(pyspark.__file__).parent
+    spark_class = spark_home / "bin" / "spark-class"
+    env = dict(os.environ, SPARK_HOME=str(spark_home), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+               SPARK_WORKER_DIR=str(tmp_path / "work"), SPARK_LOG_DIR=str(tmp_path / "logs"), PYTHONPATH=str(REPO))  # fmt: skip
+    port, ui = free_port(), free_port()
+    processes = []
+    logs = tmp_path / "cluster.log"
+    with open(logs, "ab") as out:
+        processes.append(subprocess.Popen(
+            [str(spark_class), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+             "--webui-port", str(ui)], env=env, stdout=out, stderr=out,
+        ))  # fmt: skip
+        _wait_for(f"http://127.0.0.1:{ui}/json/", lambda body: body.get("status") == "ALIVE")
+        for _ in range(2):
+            processes.append(subprocess.Popen(
+                [str(spark_class), "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--host",
+                 "127.0.0.1", "--cores", "1", "--memory", "1g", "--webui-port", str(free_port())],
+                env=env, stdout=out, stderr=out,
+            ))  # fmt: skip
+        _wait_for(f"http://127.0.0.1:{ui}/json/", lambda body: body.get("aliveworkers") == 2)
+    try:
+        yield {"master": f"spark://127.0.0.1:{port}", "status": f"http://127.0.0.1:{ui}/json/", "log": logs}
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_spark_job_on_a_standalone_cluster(redis_server, redis_client, demo_files, standalone_cluster, tmp_path):
+    """The job against spark://: the work runs on the two workers' executors, the service serves the version."""
+    env = spark_env(
+        REDIS_URL=redis_server.url, SPARK_MASTER=standalone_cluster["master"], SPARK_EXECUTOR_MEMORY="768m",
+        SPARK_DRIVER_MEMORY="1g", SPARK_LOG=str(tmp_path / "spark.log"), SPARK_PARTITIONS="4",
+    )  # fmt: skip
+    run = subprocess.run(
+        nightly_command(demo_files["events"], demo_files["catalog"], "--engine", "spark", "--prefix", "cl", "--no-eval",
+                        "--n-trees", "10"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "spark.log").read_text()[-3000:]
+    assert f"master {standalone_cluster['master']}" in run.stderr
+    status = json.loads(urllib.request.urlopen(standalone_cluster["status"], timeout=5).read())
+    finished = status["completedapps"]
+    assert finished and finished[0]["name"] == "recs-nightly"
+    assert finished[0]["cores"] >= 2 or len(status["workers"]) == 2  # both workers took part in the application
+
+    version, meta = _published_parts(ModelStore(redis_client, "cl"))
+    assert meta["engine"] == "spark" and meta["counts"]["events"] == 30000
+
+    client = serving(redis_server, "cl", tmp_path / "cache")
+    model = client.application.extensions["live_model"].current
+    body = client.get(f"/recommend?user={model.user_ids[0]}&k=5").get_json()
+    assert body["model_version"] == version and body["strategy"] == "personalized" and len(body["items"]) == 5
