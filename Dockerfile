@@ -2,6 +2,7 @@
 #   docker build -t recs .
 #   docker run -e REDIS_URL=redis://redis:6379/0 -p 8000:8000 recs
 #   docker run -e REDIS_URL=... -v /data:/data recs python -m jobs.nightly --events /data/events.csv --catalog /data/catalog.csv
+#   docker run -e REDIS_URL=... -e TRAIN_ENGINE=spark -e SPARK_MASTER=spark://master:7077 -v /data:/data recs python -m jobs.nightly ...
 #   docker run -e REDIS_URL=... -e EVENTS_PATH='/data/events/*.parquet' -e CATALOG_PATH=/data/catalog.csv -v /data:/data recs python -m jobs.scheduler
 FROM python:3.11-slim-bookworm
 
@@ -10,11 +11,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     OPENBLAS_NUM_THREADS=1 \
     MODEL_CACHE_DIR=/var/cache/recs-models \
+    SPARK_LOG=/tmp/recs-spark.log \
     PORT=8000
 
-# annoy compiles from source; build tools are removed after install.
+# annoy compiles from source; build tools are removed after install. Java 17 and OpenBLAS are for
+# the Spark training engine (--engine spark; the same image serves as its executors' Python).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential curl \
+ && apt-get install -y --no-install-recommends build-essential curl openjdk-17-jre-headless libopenblas0 \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /srv

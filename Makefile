@@ -27,6 +27,7 @@ scheduler: venv
 
 test: venv
 	scripts/ensure-redis-server.sh
+	scripts/ensure-spark-deps.sh
 	$(PY) -m pytest -q
 
 lint: venv

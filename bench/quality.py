@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_seed(seed, Path(paths["catalog_path"]), Path(paths["events_path"]), workdir, diversities, engines))
 
     print(f"\nml-latest-small, per-user random 75/25, k={K}, seeds {seeds}, {runs[0]['test_users']} users")
-    print(f"{'model':<26}" + "".join(f"{m:>14}" for m in METRICS) + f"{'coverage':>10}")
+    print(f"{'model':<36}" + "".join(f"{m:>14}" for m in METRICS) + f"{'coverage':>10}")
     names = list(runs[0]["results"])
     for name in names:
         means = {m: np.mean([r["results"][name][m] for r in runs]) for m in (*METRICS, "coverage")}
-        print(f"{name:<26}" + "".join(f"{means[m]:>14.4f}" for m in METRICS) + f"{means['coverage']:>10.3f}")
+        print(f"{name:<36}" + "".join(f"{means[m]:>14.4f}" for m in METRICS) + f"{means['coverage']:>10.3f}")
     served = np.mean([r["results"][SERVED][f"ndcg@{K}"] for r in runs])
     for engine in engines[1:]:
         other = np.mean([r["results"][f"{SERVED[:-1]}, {engine} engine)"][f"ndcg@{K}"] for r in runs])
