@@ -170,6 +170,7 @@ def run_seed(
         results[name] = ranking_metrics(served_by[0.0], relevant, K, len(catalog))
         results[name]["seconds"] = job_seconds[engine] = job["seconds"]
         summaries[engine] = job["stdout"]
+        print(f"{engine} engine: regularization {version['params']['regularization']:.3g}, factors {version['params']['factors']}", file=sys.stderr)
         if engine == engines[0]:
             first_latencies, first_version = latencies, version
             for diversity, lists in served_by.items():
