@@ -449,34 +449,29 @@ def _scaled(batches, scale: np.ndarray):
 # -- the user side -------------------------------------------------------------------------
 
 
-def ship_item_side(spark, parts: dict[str, bytes], work: Path) -> str:
-    """Write the item side (no Annoy indexes: ranking is exact) where every executor fetches it; returns its name."""
-    name = f"item-side-{uuid.uuid4().hex[:12]}"
-    folder = work / name
-    folder.mkdir(parents=True)
-    for part in ITEM_SIDE:
-        (folder / part).write_bytes(parts[part])
-    for part, blob in user_parts([], np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)).items():
-        (folder / part).write_bytes(blob)  # no users: each task brings its own
-    spark.sparkContext.addFile(str(folder), recursive=True)
-    return name
+def ship_item_side(spark, parts: dict[str, bytes]):
+    """The item side (no Annoy indexes: ranking is exact), broadcast to every executor once."""
+    blobs = {part: parts[part] for part in ITEM_SIDE}
+    # No users: each task brings its own histories (Recommender.with_histories).
+    blobs.update(user_parts([], np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)))
+    return spark.sparkContext.broadcast({"name": uuid.uuid4().hex, "parts": blobs})
 
 
-def rank_users(spark, model: SparkModel, parts: dict[str, bytes], params: ModelParams, work: Path, only=None):
+def rank_users(spark, model: SparkModel, parts: dict[str, bytes], params: ModelParams, only=None):
     """Every user's recent history, candidates and "because", computed on the executors (a DataFrame by user).
 
     ``only``: a DataFrame of the ``user`` indices to rank (the evaluation's users).
     """
     from pyspark.sql import functions as F
 
-    name = ship_item_side(spark, parts, work)
+    item_side = ship_item_side(spark, parts)
     per_user = model.confidence.groupBy("user").agg(
         F.sort_array(F.collect_list(F.struct("last", "item", "confidence")), asc=False).alias("titles")
     )  # newest first; at the same time the larger title id first, as the first engine orders them
     if only is not None:
         per_user = per_user.join(F.broadcast(only), "user")
     return per_user.mapInArrow(
-        partial(_ranked, folder=name, meta={"params": params.as_dict()}, cap=params.history_cap, size=params.candidates),
+        partial(_ranked, item_side=item_side, meta={"params": params.as_dict()}, cap=params.history_cap, size=params.candidates),
         "user int, history_items array<int>, history_weights array<float>, candidates array<int>, "
         "scores array<float>, because array<int>",
     )
@@ -485,19 +480,24 @@ def rank_users(spark, model: SparkModel, parts: dict[str, bytes], params: ModelP
 _ITEM_SIDE_CACHE: dict[str, Recommender] = {}
 
 
-def _item_side(folder: str, meta: dict) -> Recommender:
-    """(executor) The shipped item side, opened once per Python worker."""
-    from pyspark import SparkFiles
-
-    if folder not in _ITEM_SIDE_CACHE:
+def _item_side(item_side, meta: dict) -> Recommender:
+    """(executor) The broadcast item side, written to a local folder and opened once per Python worker."""
+    name = item_side.value["name"]
+    if name not in _ITEM_SIDE_CACHE:
+        for old in _ITEM_SIDE_CACHE.values():  # an earlier fit's (the evaluation's): nothing uses it any more
+            old.close()
+            shutil.rmtree(old.folder, ignore_errors=True)
         _ITEM_SIDE_CACHE.clear()
-        _ITEM_SIDE_CACHE[folder] = Recommender(SparkFiles.get(folder), meta)
-    return _ITEM_SIDE_CACHE[folder]
+        folder = Path(tempfile.mkdtemp(prefix=f"recs-item-side-{name[:8]}-"))
+        for part, blob in item_side.value["parts"].items():
+            (folder / part).write_bytes(blob)
+        _ITEM_SIDE_CACHE[name] = Recommender(folder, meta)  # memory-mapped: the folder must stay
+    return _ITEM_SIDE_CACHE[name]
 
 
-def _ranked(batches, folder: str, meta: dict, cap: int, size: int):
+def _ranked(batches, item_side, meta: dict, cap: int, size: int):
     """(executor) A batch of users through the served ranking (models.build.precompute_candidates)."""
-    recommender = _item_side(folder, meta)
+    recommender = _item_side(item_side, meta)
     for batch in batches:
         n = batch.num_rows
         if n == 0:
@@ -582,7 +582,7 @@ def evaluation_events(events, users, n_events: int, max_events: int, seed: int) 
     return sample.in_time_order()
 
 
-def spark_top_k(spark, work: Path, train: Events, catalog: Catalog, params: ModelParams, users: np.ndarray, k: int) -> list[list[int]]:
+def spark_top_k(spark, train: Events, catalog: Catalog, params: ModelParams, users: np.ndarray, k: int) -> list[list[int]]:
     """The Spark engine's top-k lists of ``users`` from a model trained on ``train`` (the evaluation sample)."""
     import pandas as pd
 
@@ -596,7 +596,7 @@ def spark_top_k(spark, work: Path, train: Events, catalog: Catalog, params: Mode
     model = fit(spark, frame, catalog, params, label=" (evaluation)")
     parts = item_parts(catalog, model.vectors, model.sequence, model.popular, params, indexes=False)
     wanted = spark.createDataFrame(pd.DataFrame({"user": np.asarray(users, dtype=np.int32)}), "user int")
-    ranked = rank_users(spark, model, parts, params, work, only=wanted).select("user", "candidates").toPandas()
+    ranked = rank_users(spark, model, parts, params, only=wanted).select("user", "candidates").toPandas()
     model.confidence.unpersist()
     by_user = {int(u): [int(i) for i in c[:k] if i >= 0] for u, c in zip(ranked["user"], ranked["candidates"])}
     return [by_user.get(int(u), []) for u in users]
@@ -619,8 +619,7 @@ def train_spark(config: NightlyConfig, events_spec: str, catalog: Catalog, timin
     from pyspark.sql import functions as F
 
     params = config.params
-    with spark_session() as spark, tempfile.TemporaryDirectory(prefix="spark-parts-") as tmp:
-        work = Path(tmp)
+    with spark_session() as spark:
         report("load", 0, 1)
         started = time.perf_counter()
         events, users, events_report = read_events(spark, events_spec, catalog, config.max_rejected_share)
@@ -635,7 +634,7 @@ def train_spark(config: NightlyConfig, events_spec: str, catalog: Catalog, timin
         if config.evaluate:
             sample = evaluation_events(events, users, n_events, MAX_EVAL_EVENTS, params.seed)
             params, evaluation, selection = evaluate_on_sample(
-                config, sample, catalog, params, n_events, timings, rank=partial(spark_top_k, spark, work)
+                config, sample, catalog, params, n_events, timings, rank=partial(spark_top_k, spark)
             )
 
         report("train", 0, 1)
@@ -657,7 +656,7 @@ def train_spark(config: NightlyConfig, events_spec: str, catalog: Catalog, timin
 
         report("candidates", 0, 1)
         started = time.perf_counter()
-        parts.update(user_side_parts(rank_users(spark, model, parts, params, work), users, n_users, params))
+        parts.update(user_side_parts(rank_users(spark, model, parts, params), users, n_users, params))
         timings["candidates"] = time.perf_counter() - started
         log.info("spark: histories, candidates and reasons of %d users in %.1fs", n_users, timings["candidates"])
 

@@ -141,8 +141,9 @@ def test_spark_job_publishes_a_version_the_service_serves(redis_server, redis_cl
     assert spark_meta["engine"] == "spark" and implicit_meta["engine"] == "implicit"
     assert spark_meta["counts"] == implicit_meta["counts"]
     assert set(spark_meta["parts"]) == set(implicit_meta["parts"])
-    print("holdout nDCG@10 spark", spark_meta["metrics"]["model"]["ndcg@10"], "implicit", implicit_meta["metrics"]["model"]["ndcg@10"], "popularity", implicit_meta["metrics"]["popularity"]["ndcg@10"])
-    assert spark_meta["metrics"]["model"]["ndcg@10"] > spark_meta["metrics"]["popularity"]["ndcg@10"] * 0.9
+    ndcg = {name: meta["metrics"]["model"]["ndcg@10"] for name, meta in (("spark", spark_meta), ("implicit", implicit_meta))}
+    # The holdout model is trained and ranked by Spark; on 600 users it lands near the first engine's.
+    assert ndcg["spark"] > spark_meta["metrics"]["popularity"]["ndcg@10"] * 0.9 and ndcg["spark"] > ndcg["implicit"] - 0.05, ndcg
 
     opened = {}
     for prefix in ("sp", "im"):
@@ -217,7 +218,8 @@ def standalone_cluster(tmp_path):
             ))  # fmt: skip
         _wait_for(f"http://127.0.0.1:{ui}/json/", lambda body: body.get("aliveworkers") == 2)
     try:
-        yield {"master": f"spark://127.0.0.1:{port}", "status": f"http://127.0.0.1:{ui}/json/", "log": logs}
+        yield {"master": f"spark://127.0.0.1:{port}", "status": f"http://127.0.0.1:{ui}/json/", "log": logs,
+               "work": tmp_path / "work"}  # fmt: skip
     finally:
         for process in processes:
             process.terminate()
@@ -244,7 +246,9 @@ def test_spark_job_on_a_standalone_cluster(redis_server, redis_client, demo_file
     status = json.loads(urllib.request.urlopen(standalone_cluster["status"], timeout=5).read())
     finished = status["completedapps"]
     assert finished and finished[0]["name"] == "recs-nightly"
-    assert finished[0]["cores"] >= 2 or len(status["workers"]) == 2  # both workers took part in the application
+    # Each worker ran an executor of the job (a worker keeps one folder per executor it launched).
+    executors = list(standalone_cluster["work"].glob(f"{finished[0]['id']}/*"))
+    assert len(executors) == 2, executors
 
     version, meta = _published_parts(ModelStore(redis_client, "cl"))
     assert meta["engine"] == "spark" and meta["counts"]["events"] == 30000
