@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -257,3 +258,43 @@ def test_spark_job_on_a_standalone_cluster(redis_server, redis_client, demo_file
     model = client.application.extensions["live_model"].current
     body = client.get(f"/recommend?user={model.user_ids[0]}&k=5").get_json()
     assert body["model_version"] == version and body["strategy"] == "personalized" and len(body["items"]) == 5
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids.extend(int(c) for c in (task / "children").read_text().split())
+    return kids
+
+
+def test_a_stopped_spark_job_publishes_nothing_and_leaves_no_jvm(redis_server, redis_client, demo_files, tmp_path):
+    """SIGTERM while Spark works: exit 143, the run recorded as failed, the lock freed, the JVM gone."""
+    store = ModelStore(redis_client, "kill")
+    env = spark_env(REDIS_URL=redis_server.url, SPARK_LOG=str(tmp_path / "spark.log"), JOB_LOCK_TTL="60")
+    job = subprocess.Popen(
+        nightly_command(demo_files["events"], demo_files["catalog"], "--engine", "spark", "--prefix", "kill", "--no-eval"),
+        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen, jvm = [], None
+    try:
+        for line in job.stderr:  # wait until Spark is training
+            seen.append(line)
+            if jvm is None:
+                jvm = next((p for p in _children(job.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "java"), None)
+            if "spark: confidences" in line:
+                break
+        assert jvm is not None, "".join(seen)
+        job.send_signal(signal.SIGTERM)
+        rest = job.stderr.read()
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 143, "".join(seen) + rest
+    assert store.live_version() is None and store.versions() == []
+    assert redis_client.get(store.keys.job_lock) is None
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{jvm}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{jvm}").exists(), "the Spark JVM outlived the job"
