@@ -207,13 +207,15 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         started = time.perf_counter()
         catalog, text_info = embed_catalog(catalog, config.text_cache, config.show_progress)
         timings["text"] = time.perf_counter() - started
-    if config.engine == "spark":
-        from jobs.spark_engine import train_spark
+    try:  # the engine reads the stream's snapshot files in live_dir
+        if config.engine == "spark":
+            from jobs.spark_engine import train_spark
 
-        trained = train_spark(config, events_spec, catalog, timings)
-    else:
-        trained = train_implicit(config, events_spec, catalog, timings)
-    live_dir.cleanup()
+            trained = train_spark(config, events_spec, catalog, timings)
+        else:
+            trained = train_implicit(config, events_spec, catalog, timings)
+    finally:
+        live_dir.cleanup()
     parts, params, events_report = trained.parts, trained.params, trained.events_report
     if catalog.text_vectors is not None:  # GET /search: titles by meaning
         parts["text_vectors.npy"] = npy_bytes(catalog.text_vectors.astype(np.float16))

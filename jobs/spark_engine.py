@@ -175,8 +175,8 @@ def read_events(spark, spec: str, catalog: Catalog, max_rejected_share: float):
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    frames = []
-    for path in expand_paths(spec):  # the same missing-file and glob errors
+    frames, paths = [], expand_paths(spec)  # the same missing-file and glob errors
+    for path in paths:
         suffix, url = path.suffix.lower(), path.resolve().as_uri()
         if suffix in (".parquet", ".pq"):
             frame = spark.read.parquet(url)
@@ -205,7 +205,7 @@ def read_events(spark, spec: str, catalog: Catalog, max_rejected_share: float):
         partial(_validated_batches, catalog_ids=catalog_ids, latest=latest_timestamp()),
         "user_id string, item int, timestamp long, watch_seconds float, report string",
     ).persist(StorageLevel.MEMORY_AND_DISK)
-    load_report = LoadReport(files=[str(p) for p in expand_paths(spec)])
+    load_report = LoadReport(files=[str(p) for p in paths])
     rejections = Rejections(load_report, numbered=False)
     for row in checked.where(F.col("report").isNotNull()).select("report").collect():
         part = orjson.loads(row["report"])
@@ -243,8 +243,9 @@ def _validated_batches(batches, catalog_ids: pa.Array, latest: int):
     columns = ["user_id", "item_id", "timestamp", "watch_seconds"]
     for batch in batches:
         files = batch.column("_file")
-        for name in pc.unique(files).to_pylist():
-            part = batch.filter(pc.equal(files, name)) if len(pc.unique(files)) > 1 else batch
+        names = pc.unique(files).to_pylist()
+        for name in names:
+            part = batch.filter(pc.equal(files, name)) if len(names) > 1 else batch
             table = pa.Table.from_batches([part]).select(columns)
             load_report.rows_read += table.num_rows
             users, items, ts, ws = validate_events(table, Path(name), catalog_ids, latest, rejections, load_report)
@@ -273,6 +274,7 @@ class SparkModel:
     """What one fit leaves: the confidences (on the cluster) and the item side (on the driver)."""
 
     confidence: object  # DataFrame [user, item, last, confidence], persisted
+    newest: int  # the newest event's time: the recency reference
     vectors: np.ndarray
     sequence: sp.csr_matrix
     popular: np.ndarray
@@ -319,7 +321,7 @@ def fit(spark, events, catalog: Catalog, params: ModelParams, label: str = "") -
     content = content_vectors(catalog, cf_items, viewers, params)  # one row per title: the driver's work
     vectors = blend_vectors(cf_items, content, viewers, params)
     timings["content_model"] = time.perf_counter() - started
-    return SparkModel(confidence, vectors, sequence, popular_from_counts(viewers, strength), viewers, timings)
+    return SparkModel(confidence, newest, vectors, sequence, popular_from_counts(viewers, strength), viewers, timings)
 
 
 def _weights(batches, minutes: np.ndarray, newest: int, params: ModelParams):
@@ -502,7 +504,7 @@ def _ranked(batches, item_side, meta: dict, cap: int, size: int):
         n = batch.num_rows
         if n == 0:
             continue
-        titles = batch.column("titles").combine_chunks() if isinstance(batch.column("titles"), pa.ChunkedArray) else batch.column("titles")
+        titles = batch.column("titles")
         offsets = titles.offsets.to_numpy().astype(np.int64)
         flat = titles.flatten()
         items = flat.field("item").to_numpy(zero_copy_only=False).astype(np.int32)
@@ -660,8 +662,7 @@ def train_spark(config: NightlyConfig, events_spec: str, catalog: Catalog, timin
         timings["candidates"] = time.perf_counter() - started
         log.info("spark: histories, candidates and reasons of %d users in %.1fs", n_users, timings["candidates"])
 
-        newest = int(events.agg(F.max("timestamp")).first()[0])
-        reference, recent_from, long_from = window_edges(newest)
+        reference, recent_from, long_from = window_edges(model.newest)
         counts = events.groupBy("item").agg(
             F.sum(((F.col("timestamp") > recent_from) & (F.col("timestamp") <= reference)).cast("long")).alias("recent"),
             F.sum(((F.col("timestamp") > long_from) & (F.col("timestamp") <= recent_from)).cast("long")).alias("long"),
