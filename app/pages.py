@@ -216,7 +216,9 @@ class PageBuilder:
         strongest = seq_items[np.argsort(-seq_values)[:SEQUENCE_CANDIDATES]]
         pool = np.concatenate([np.asarray(nearest, dtype=np.int64), self.model.popular[:POPULAR_CANDIDATES], strongest])
         pool = pool[np.sort(np.unique(pool, return_index=True)[1])]  # first occurrences, in order
-        pool = pool[self.eligible[pool] & ~np.isin(pool, self.history)]
+        allowed = self.eligible.copy()
+        allowed[self.history] = False
+        pool = pool[allowed[pool]]
         if len(pool) == 0:
             return pool, np.empty(0)
         scores = self.model.blended_scores(query, pool, seq_items, seq_values)
