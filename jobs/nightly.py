@@ -173,6 +173,8 @@ def evaluate_on_sample(
         report("cold_start", 0, 1)
         cold_at = time.perf_counter()
         evaluation["cold_start"] = cold_start_evaluation(train, catalog, params, seed=params.seed)
+        if evaluation["cold_start"].get("content_model"):  # the content model form that placed new titles best
+            params = replace(params, content_model=evaluation["cold_start"]["content_model"])
         timings["cold_start"] = time.perf_counter() - cold_at
     timings["evaluate"] = time.perf_counter() - started
     log.info(
