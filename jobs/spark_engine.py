@@ -77,11 +77,14 @@ from models.data import (
 )  # fmt: skip
 from models.embeddings import (
     ModelParams,
+    ViewerSample,
     blend_vectors,
     content_vectors,
     popularity_scale,
+    sampled_viewers,
     scaled_confidence,
     sequence_pairs,
+    viewer_rates,
     viewing_weights,
 )  # fmt: skip
 from models.progress import report
@@ -279,6 +282,7 @@ class SparkModel:
     sequence: sp.csr_matrix
     popular: np.ndarray
     viewers: np.ndarray
+    viewer_sample: ViewerSample  # the content model's sample, drawn on the cluster
     timings: dict
 
 
@@ -308,9 +312,13 @@ def fit(spark, events, catalog: Catalog, params: ModelParams, label: str = "") -
     log.info("spark%s: confidences of %d (user, title) pairs in %.1fs", label, int(viewers.sum()), timings["confidence_matrix"])
 
     started = time.perf_counter()
-    cf_items = fit_als(confidence, n_items, params)
+    cf_items, user_factors = fit_als(confidence, n_items, params)
+    sample = viewer_sample_on_cluster(confidence, user_factors, viewers, params)
     timings["als"] = time.perf_counter() - started
-    log.info("spark%s: ALS (%d factors, %d iterations) in %.1fs", label, params.factors, params.iterations, timings["als"])
+    log.info(
+        "spark%s: ALS (%d factors, %d iterations) and %d sampled viewers in %.1fs",
+        label, params.factors, params.iterations, len(sample.item), timings["als"],
+    )  # fmt: skip
 
     started = time.perf_counter()
     sequence = watched_next(events, n_items, viewers, params)
@@ -318,10 +326,10 @@ def fit(spark, events, catalog: Catalog, params: ModelParams, label: str = "") -
     log.info("spark%s: watched-next neighbours (%d pairs kept) in %.1fs", label, sequence.nnz, timings["sequence"])
 
     started = time.perf_counter()
-    content = content_vectors(catalog, cf_items, viewers, params)  # one row per title: the driver's work
+    content = content_vectors(catalog, cf_items, viewers, params, sample)  # one row per title: the driver's work
     vectors = blend_vectors(cf_items, content, viewers, params)
     timings["content_model"] = time.perf_counter() - started
-    return SparkModel(confidence, newest, vectors, sequence, popular_from_counts(viewers, strength), viewers, timings)
+    return SparkModel(confidence, newest, vectors, sequence, popular_from_counts(viewers, strength), viewers, sample, timings)
 
 
 def _weights(batches, minutes: np.ndarray, newest: int, params: ModelParams):
@@ -368,11 +376,12 @@ def spark_regularization(params: ModelParams) -> float:
     return params.regularization * SPARK_REGULARIZATION_PER_LAMBDA
 
 
-def fit_als(confidence, n_items: int, params: ModelParams) -> np.ndarray:
-    """MLlib's implicit-feedback ALS on the confidences; returns the item factors [titles, factors] (zero if unseen).
+def fit_als(confidence, n_items: int, params: ModelParams):
+    """MLlib's implicit-feedback ALS on the confidences: (item factors [titles, factors], zero if unseen; user factors).
 
     MLlib's confidence is 1 + alpha x rating: rating = confidence - 1 with alpha 1
-    gives the first engine's confidences. The user factors stay on the cluster.
+    gives the first engine's confidences. The user factors stay on the cluster
+    (a DataFrame [id, features]).
     """
     from pyspark.ml.recommendation import ALS
     from pyspark.sql import functions as F
@@ -396,7 +405,53 @@ def fit_als(confidence, n_items: int, params: ModelParams) -> np.ndarray:
     out = np.zeros((n_items, params.factors), dtype=np.float32)
     if len(factors):
         out[factors["id"].to_numpy()] = np.stack(factors["features"].to_numpy()).astype(np.float32)
-    return out
+    return out, model.userFactors
+
+
+def viewer_sample_on_cluster(confidence, user_factors, viewers: np.ndarray, params: ModelParams) -> ViewerSample:
+    """The content model's :class:`ViewerSample`, drawn where the user factors are.
+
+    The same rule as the first engine (models.embeddings.sampled_viewers, seeded per
+    partition); the driver collects Σ u uᵀ (one d x d matrix per partition) and the
+    sampled pairs with their viewers' factors: at most about CONTENT_PAIRS rows,
+    bounded by the catalogue, not by the events or the users.
+    """
+    from pyspark.sql import functions as F
+
+    factors = user_factors.select(F.col("id").alias("user"), "features")
+    grams = factors.mapInArrow(partial(_partial_gram, d=params.factors), "gram binary").collect()
+    gram = sum((np.frombuffer(row["gram"], np.float64).reshape(params.factors, params.factors) for row in grams), np.zeros((params.factors, params.factors)))
+    picked = confidence.select("user", "item", "confidence").mapInArrow(
+        partial(_sampled_pairs, rates=viewer_rates(viewers), seed=params.seed), "user int, item int, confidence float"
+    )
+    rows = picked.join(factors, "user").select("item", "confidence", "features").toPandas()
+    if len(rows):
+        item = rows["item"].to_numpy(np.int64)
+        pair_factors = np.stack(rows["features"].to_numpy()).astype(np.float32)
+    else:
+        item, pair_factors = np.zeros(0, np.int64), np.zeros((0, params.factors), np.float32)
+    return ViewerSample.of(gram, item, pair_factors, rows["confidence"].to_numpy(np.float32), viewers)
+
+
+def _partial_gram(batches, d: int):
+    """(executor) Σ u uᵀ over this partition's user factors, as float64 bytes."""
+    gram = np.zeros((d, d))
+    for batch in batches:
+        column = batch.column("features")
+        if len(column):
+            u = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float64).reshape(len(column), d)
+            gram += u.T @ u
+    yield pa.RecordBatch.from_arrays([pa.array([gram.tobytes()], pa.binary())], names=["gram"])
+
+
+def _sampled_pairs(batches, rates: np.ndarray, seed: int):
+    """(executor) The (viewer, title) pairs the content model's sample keeps (models.embeddings.sampled_viewers)."""
+    from pyspark import TaskContext
+
+    rng = np.random.default_rng([seed, TaskContext.get().partitionId()])
+    for batch in batches:
+        keep = sampled_viewers(batch.column("item").to_numpy(zero_copy_only=False), rates, rng)
+        yield batch.filter(pa.array(keep))
 
 
 def watched_next(events, n_items: int, viewers: np.ndarray, params: ModelParams) -> sp.csr_matrix:

@@ -124,3 +124,28 @@ def test_regularization_chosen_on_a_user_sample_scales_with_the_square_root_of_u
     assert fitted.regularization == pytest.approx(20.0) and fitted.regularization_users == 0
     assert fitted.at_scale(events) is fitted  # absolute already: unchanged
     assert ModelParams(regularization=7.0).at_scale(events).regularization == 7.0
+
+
+def test_the_content_models_viewer_sample_is_bounded_and_stands_for_every_viewer(demo_files, monkeypatch):
+    """About CONTENT_VIEWERS viewers per title, CONTENT_PAIRS in all; each sampled pair weighs for the unsampled."""
+    import models.embeddings as embeddings_module
+
+    catalog, _ = load_catalog(demo_files["catalog"])
+    events, _ = load_events(demo_files["events"], catalog)
+    params = ModelParams(iterations=3, content_steps=20)
+    base = learn_embeddings(events, catalog, params, show_progress=False)
+    sample = base.viewer_sample
+    counts = np.bincount(sample.item, minlength=len(catalog))
+    viewers = base.viewers
+    assert np.all(np.diff(sample.item) >= 0) and sample.factors.shape == (len(sample.item), params.factors)
+    np.testing.assert_allclose((counts * sample.scale)[counts > 0], viewers[counts > 0], rtol=1e-5)
+    few = (viewers > 0) & (viewers <= embeddings_module.CONTENT_VIEWERS)
+    np.testing.assert_array_equal(counts[few], viewers[few])  # titles with few viewers keep all of them
+    many = viewers > 4 * embeddings_module.CONTENT_VIEWERS
+    if many.any():
+        assert counts[many].mean() < 1.5 * embeddings_module.CONTENT_VIEWERS
+    # A tight pair budget lowers every title's share, so memory is bounded by the budget, not the events.
+    monkeypatch.setattr(embeddings_module, "CONTENT_PAIRS", 2000)
+    tight = learn_embeddings(events, catalog, params, show_progress=False).viewer_sample
+    assert len(tight.item) < 1.2 * 2000 < len(sample.item)
+

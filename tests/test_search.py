@@ -52,10 +52,15 @@ def test_synopses_place_new_titles_better_than_structured_features_alone_on_the_
     """The job's cold-start check on the default demo data: the synopses help place new titles.
 
     Issue 14 asks for text_lift >= 1.5. The job does not reach it reliably:
-    on its training split the ratio measured 1.11-1.61 over seeds and
-    selected parameters (1.40 in `make demo`), so this asserts what holds
-    (text helps, both forms measured, the best kept), not the target.
+    with the content model fitted on ALS's loss, text_lift measured 1.44 in
+    the job's run (1.24-1.61 over seeds and parameters), because the same
+    objective places titles 2-3x better from structured features alone too.
+    So this asserts what holds: text helps, both forms are measured and the
+    best kept, and ALS's loss places new titles far better than regression
+    to the CF vectors (12x random against 7x, the same split and ALS fit).
     """
+    from dataclasses import replace
+
     from jobs.make_demo_data import DEFAULT_EVENTS, DEFAULT_ITEMS, DEFAULT_SEED, DEFAULT_USERS, write_demo_data
     from jobs.nightly import embed_catalog
     from models.data import load_catalog, load_events
@@ -69,11 +74,13 @@ def test_synopses_place_new_titles_better_than_structured_features_alone_on_the_
     params = ModelParams()
     train = events.subset(holdout_split(events, 0.2, "temporal", seed=params.seed))  # as the job splits
     cold = cold_start_evaluation(train, catalog, params, seed=params.seed)
-    print(f"\ncold start on the default demo data: {cold}")
+    regression = cold_start_evaluation(train, catalog, replace(params, content_objective="regression"), seed=params.seed)
+    print(f"\ncold start on the default demo data: {cold}\nwith regression to the CF vectors: {regression}")
     assert set(cold["hit_rate_by_content_model"]) == {"mlp", "linear"}
     assert cold["hit_rate"] == max(cold["hit_rate_by_content_model"].values())
     assert cold["text_lift"] > 1.1
     assert cold["lift_without_text"] > 2.0  # the structured features alone beat random placement too
+    assert cold["lift"] > 1.4 * regression["lift"]
 
 
 def test_a_titles_own_synopsis_finds_it_in_the_top_three(client, demo_files):

@@ -88,6 +88,7 @@ def test_spark_validates_with_the_loaders_rules(spark, tiny_catalog, tmp_path):
 def test_spark_fit_follows_the_first_engines_rules(spark, demo_files):
     """Confidences, viewers and watched-next neighbours equal the first engine's on the same events."""
     from jobs.spark_engine import fit, read_events
+    from models.embeddings import viewer_rates
 
     catalog, _ = load_catalog(demo_files["catalog"])
     events, _ = load_events(demo_files["events"], catalog)
@@ -109,6 +110,17 @@ def test_spark_fit_follows_the_first_engines_rules(spark, demo_files):
     # ALS is MLlib's own: its item vectors differ from implicit's, but they place titles as well.
     assert model.vectors.shape == reference.vectors.shape and np.isfinite(model.vectors).all()
     assert np.abs(model.vectors).sum(axis=1).min() > 0
+    # The content model's viewer sample is drawn on the cluster by the same rule as the first engine's.
+    ours, theirs = model.viewer_sample, reference.viewer_sample
+    rates = viewer_rates(model.viewers)
+    expected_pairs = float(rates @ model.viewers)
+    for sample in (ours, theirs):
+        counts = np.bincount(sample.item, minlength=len(catalog))
+        assert np.all(counts <= model.viewers)
+        np.testing.assert_allclose((counts * sample.scale)[counts > 0], model.viewers[counts > 0], rtol=1e-5)
+        assert abs(len(sample.item) - expected_pairs) < 0.05 * expected_pairs
+        assert np.linalg.eigvalsh(sample.gram).min() > -1e-6 * np.trace(sample.gram) and np.trace(sample.gram) > 0
+    assert (np.linalg.norm(ours.factors, axis=1) > 0).all() and 0 < rates.min() <= rates.max() <= 1.0
 
 
 def _published_parts(store: ModelStore) -> tuple[str, dict]:
