@@ -149,3 +149,12 @@ def test_the_content_models_viewer_sample_is_bounded_and_stands_for_every_viewer
     tight = learn_embeddings(events, catalog, params, show_progress=False).viewer_sample
     assert len(tight.item) < 1.2 * 2000 < len(sample.item)
 
+    # The opt-in objective fits on the sample; an unknown one is refused by name.
+    from dataclasses import replace
+
+    from models.embeddings import content_vectors
+
+    als = content_vectors(catalog, base.cf_vectors, viewers, replace(params, content_objective="als"), sample)
+    assert np.isfinite(als).all() and np.abs(als).sum(axis=1).min() > 0
+    with pytest.raises(ValueError, match="content_objective must be one of regression, als"):
+        content_vectors(catalog, base.cf_vectors, viewers, replace(params, content_objective="exact"), sample)
