@@ -282,7 +282,7 @@ class SparkModel:
     sequence: sp.csr_matrix
     popular: np.ndarray
     viewers: np.ndarray
-    viewer_sample: ViewerSample  # the content model's sample, drawn on the cluster
+    viewer_sample: ViewerSample | None  # the content model's sample, drawn on the cluster (content_objective "als")
     timings: dict
 
 
@@ -313,12 +313,9 @@ def fit(spark, events, catalog: Catalog, params: ModelParams, label: str = "") -
 
     started = time.perf_counter()
     cf_items, user_factors = fit_als(confidence, n_items, params)
-    sample = viewer_sample_on_cluster(confidence, user_factors, viewers, params)
+    sample = viewer_sample_on_cluster(confidence, user_factors, viewers, params) if params.content_objective == "als" else None
     timings["als"] = time.perf_counter() - started
-    log.info(
-        "spark%s: ALS (%d factors, %d iterations) and %d sampled viewers in %.1fs",
-        label, params.factors, params.iterations, len(sample.item), timings["als"],
-    )  # fmt: skip
+    log.info("spark%s: ALS (%d factors, %d iterations) in %.1fs", label, params.factors, params.iterations, timings["als"])
 
     started = time.perf_counter()
     sequence = watched_next(events, n_items, viewers, params)

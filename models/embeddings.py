@@ -160,7 +160,7 @@ class Embeddings:
     content_vectors: np.ndarray  # float32 [items, d], content model output
     viewers: np.ndarray  # int [items], distinct users per title in training
     confidence: sp.csr_matrix  # users x items confidences the model was trained on
-    viewer_sample: ViewerSample | None  # the users' side of ALS's loss, for the content model
+    viewer_sample: ViewerSample | None  # the users' side of ALS's loss, for content_objective "als" (else None)
     sequence: sp.csr_matrix  # items x items "watched next" neighbours (pruned, row-normalised by popularity)
     params: ModelParams
     timings: dict = field(default_factory=dict)
@@ -514,11 +514,12 @@ def learn_embeddings(
     with ThreadPoolExecutor(1) as beside:
         sequence_future = beside.submit(timed_sequence)
         started = time.perf_counter()
-        if reuse is not None and _same(reuse.params, params, ALS_FIELDS):
+        wants_sample = params.content_objective == "als"  # only that objective reads the users' side
+        if reuse is not None and _same(reuse.params, params, ALS_FIELDS) and (reuse.viewer_sample is not None or not wants_sample):
             cf_items, sample = reuse.cf_vectors, reuse.viewer_sample
         else:
             cf_items, user_factors = fit_collaborative(confidence, params, show_progress=show_progress)
-            sample = viewer_sample(user_factors, confidence, viewers, params.seed)
+            sample = viewer_sample(user_factors, confidence, viewers, params.seed) if wants_sample else None
             del user_factors
         timings["als"] = time.perf_counter() - started
 

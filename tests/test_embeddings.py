@@ -128,11 +128,14 @@ def test_regularization_chosen_on_a_user_sample_scales_with_the_square_root_of_u
 
 def test_the_content_models_viewer_sample_is_bounded_and_stands_for_every_viewer(demo_files, monkeypatch):
     """About CONTENT_VIEWERS viewers per title, CONTENT_PAIRS in all; each sampled pair weighs for the unsampled."""
+    from dataclasses import replace
+
     import models.embeddings as embeddings_module
 
     catalog, _ = load_catalog(demo_files["catalog"])
     events, _ = load_events(demo_files["events"], catalog)
-    params = ModelParams(iterations=3, content_steps=20)
+    params = ModelParams(iterations=3, content_steps=20, content_objective="als")
+    assert learn_embeddings(events, catalog, replace(params, content_objective="regression"), show_progress=False).viewer_sample is None
     base = learn_embeddings(events, catalog, params, show_progress=False)
     sample = base.viewer_sample
     counts = np.bincount(sample.item, minlength=len(catalog))
@@ -150,11 +153,9 @@ def test_the_content_models_viewer_sample_is_bounded_and_stands_for_every_viewer
     assert len(tight.item) < 1.2 * 2000 < len(sample.item)
 
     # The opt-in objective fits on the sample; an unknown one is refused by name.
-    from dataclasses import replace
-
     from models.embeddings import content_vectors
 
-    als = content_vectors(catalog, base.cf_vectors, viewers, replace(params, content_objective="als"), sample)
+    als = content_vectors(catalog, base.cf_vectors, viewers, params, sample)
     assert np.isfinite(als).all() and np.abs(als).sum(axis=1).min() > 0
     with pytest.raises(ValueError, match="content_objective must be one of regression, als"):
         content_vectors(catalog, base.cf_vectors, viewers, replace(params, content_objective="exact"), sample)

@@ -87,14 +87,13 @@ def test_spark_validates_with_the_loaders_rules(spark, tiny_catalog, tmp_path):
 
 def test_spark_fit_follows_the_first_engines_rules(spark, demo_files):
     """Confidences, viewers and watched-next neighbours equal the first engine's on the same events."""
-    from dataclasses import replace
-
     from jobs.spark_engine import fit, read_events
     from models.embeddings import content_vectors, viewer_rates
 
     catalog, _ = load_catalog(demo_files["catalog"])
     events, _ = load_events(demo_files["events"], catalog)
-    params = ModelParams(iterations=3, content_steps=20, seq_neighbors=10_000)  # no pruning ties to break
+    # No pruning ties to break; the ALS-loss content model, so both engines draw their viewer samples.
+    params = ModelParams(iterations=3, content_steps=20, seq_neighbors=10_000, content_objective="als")
     frame, _, _ = read_events(spark, str(demo_files["events"]), catalog, 0.01)
     model = fit(spark, frame, catalog, params)
     reference = learn_embeddings(events, catalog, params, show_progress=False)
@@ -124,7 +123,7 @@ def test_spark_fit_follows_the_first_engines_rules(spark, demo_files):
         assert np.linalg.eigvalsh(sample.gram).min() > -1e-6 * np.trace(sample.gram) and np.trace(sample.gram) > 0
     assert (np.linalg.norm(ours.factors, axis=1) > 0).all() and 0 < rates.min() <= rates.max() <= 1.0
     # ... and fits the opt-in ALS-loss content model as the first engine's does.
-    placed = content_vectors(catalog, model.vectors, model.viewers, replace(params, content_objective="als"), ours)
+    placed = content_vectors(catalog, model.vectors, model.viewers, params, ours)
     assert np.isfinite(placed).all() and np.abs(placed).sum(axis=1).min() > 0
 
 
