@@ -44,6 +44,7 @@ from app.errors import json_response
 from app.online import stamp
 from models.recommender import (
     ANNOY_CANDIDATES,
+    EXACT_POOL,
     POPULAR_CANDIDATES,
     SEQUENCE_CANDIDATES,
     Recommendation,
@@ -194,6 +195,7 @@ class PageBuilder:
         self.model, self.user, self.filters = model, user, filters
         self.promotions = promotions or {}
         self.fresh_items, self.fresh_weights = fresh
+        self.fresh = self.fresh_items is not None and len(self.fresh_items) > 0
         items, weights = model.history(user)
         if self.fresh_items is not None and len(self.fresh_items):
             items, weights = merge_history(self.fresh_items, self.fresh_weights, items, weights)
@@ -206,7 +208,7 @@ class PageBuilder:
     def terms(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], list[int]]:
         """The user's vector, watched-next scores and nearest titles: computed once for every row of the page."""
         query = self.model.user_vector(self.history, self.weights)
-        nearest = self.model.nearest_pool(query, ANNOY_CANDIDATES + len(self.history) + PAGE_SLOTS)
+        nearest = self.model.nearby_titles(self.user, self.history, query, ANNOY_CANDIDATES + len(self.history) + PAGE_SLOTS)
         return query, self.model.sequence_scores(np.asarray(self.history)), nearest
 
     @cached_property
@@ -300,11 +302,26 @@ class PageBuilder:
                     break
         return out
 
-    def within(self, mask: np.ndarray, size: int) -> list[Recommendation]:
-        """The best titles inside ``mask`` for this user (popularity order for a user without history)."""
+    def within(self, mask: np.ndarray, size: int, key: tuple | None = None) -> list[Recommendation]:
+        """The best titles inside ``mask`` for this user (popularity order for a user without history).
+
+        ``key`` names a mask that stays the same across requests (the new arrivals of a minute): when
+        small, its titles' vectors are kept gathered in the worker (``Recommender.small_set``).
+        """
         eligible = self.eligible & mask
         if not eligible.any():
             return []
+        if self.known and not self.fresh:  # the user's published top titles hold the row: exact, no scoring
+            published = self.model.published_top(self.user, size, eligible, self.taken())
+            if published is not None:
+                return [Recommendation(i, s, []) for i, s in published[2]]
+        if self.known and key is not None and np.count_nonzero(eligible) <= EXACT_POOL:  # new arrivals: score all
+            query, sequence, _ = self.terms
+            allowed = eligible.copy()
+            taken = self.taken()
+            allowed[np.fromiter(taken, dtype=np.int64, count=len(taken))] = False
+            picked = self.model.top_of_small_set((self.filters, *key), eligible, allowed, query, sequence, size)
+            return [Recommendation(i, s, []) for i, s in picked]
         if self.known:
             pool, scores = self.scored_pool  # one scoring for every row; a row it cannot fill searches on its own
             keep = eligible[pool] if len(pool) else np.zeros(0, dtype=bool)
@@ -359,8 +376,10 @@ def build_page(
         elif kind == "trending":
             add("trending", "Trending now", page.trending(trending, want))
         elif kind == "new_for_you":
-            new = rules.new_titles(spec.get("days", 30))
-            add("new_for_you", "New for you" if page.known else "New arrivals", page.within(new, want))
+            days = spec.get("days", 30)
+            new = rules.new_titles(days)
+            key = ("new", days, int(time.time() // 60))  # new_titles changes by the minute at most
+            add("new_for_you", "New for you" if page.known else "New arrivals", page.within(new, want, key))
         elif kind == "genre":
             for genre in page.top_genres(spec.get("count", 2)):
                 mask = rules.genre_masks.get(genre)

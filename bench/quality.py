@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from models.evaluate import (  # noqa: E402
 MOVIELENS_SMALL = REPO_ROOT.parent / "shared" / "datasets" / "ml-latest-small"
 K = 10
 TARGET_NDCG = 0.41
+JOB_ARGS: list[str] = []  # --job-args
 METRICS = (f"ndcg@{K}", f"precision@{K}", f"recall@{K}", f"map@{K}")
 
 
@@ -103,7 +105,7 @@ def serve_engine(engine, seed, train_path, catalog_path, workdir, events, catalo
         started = time.perf_counter()
         job = subprocess.run(
             [sys.executable, "-m", "jobs.nightly", "--events", str(train_path), "--catalog", str(catalog_path),
-             "--split", "random", "--holdout", "0.25", "--quiet"],
+             "--split", "random", "--holdout", "0.25", "--quiet", *JOB_ARGS],
             cwd=REPO_ROOT, env=env, capture_output=True, text=True,
         )  # fmt: skip
         seconds = time.perf_counter() - started
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated split seeds; metrics are averaged")
     parser.add_argument("--engine", default="implicit", help="training engine(s), comma-separated: implicit, spark (both: the parity figure)")
     parser.add_argument("--diversity", default="0,0.3,0.6", help="MMR weights to measure (nDCG@10 vs intra-list similarity)")
+    parser.add_argument("--job-args", default="", help="more flags for the nightly job, e.g. '--content-objective als'")
     args = parser.parse_args(argv)
+    JOB_ARGS[:] = shlex.split(args.job_args)
     if not (args.source / "ratings.csv").is_file():
         print(f"ml-latest-small not found at {args.source}; nothing to measure", file=sys.stderr)
         return 2
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed}: split, baselines, nightly job, serving ...", file=sys.stderr)
             runs.append(run_seed(seed, Path(paths["catalog_path"]), Path(paths["events_path"]), workdir, diversities, engines))
 
-    print(f"\nml-latest-small, per-user random 75/25, k={K}, seeds {seeds}, {runs[0]['test_users']} users")
+    print(f"\nml-latest-small, per-user random 75/25, k={K}, seeds {seeds}, {runs[0]['test_users']} users"
+          + (f"; nightly job with {args.job_args}" if args.job_args else ""))
     print(f"{'model':<36}" + "".join(f"{m:>14}" for m in METRICS) + f"{'coverage':>10}")
     names = list(runs[0]["results"])
     for name in names:

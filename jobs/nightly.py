@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from models.build import annoy_bytes, build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, LoadReport, load_catalog, load_events
-from models.embeddings import ModelParams, learn_embeddings, train_threads
+from models.embeddings import PARAM_CHOICES, ModelParams, learn_embeddings, train_threads
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import compact, take_for_job
 from models.offline import cold_start_evaluation, select_params, served_top_k
@@ -412,7 +412,10 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
     parser.add_argument("--run-id", default=None, help="record under this run id (the scheduler passes the id of a queued run)")
     defaults = ModelParams()
     for f in fields(ModelParams):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None, help=f"model parameter (default {getattr(defaults, f.name)})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None,
+            choices=PARAM_CHOICES.get(f.name), help=f"model parameter (default {getattr(defaults, f.name)})",
+        )  # fmt: skip
     args = parser.parse_args(argv)
     if not args.events or not args.catalog:
         parser.error("--events and --catalog are required (or set EVENTS_PATH and CATALOG_PATH)")

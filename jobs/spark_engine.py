@@ -579,7 +579,7 @@ def _ranked(batches, item_side, meta: dict, cap: int, size: int):
                 pa.ListArray.from_arrays(pa.array(hist_indptr.astype(np.int32)), pa.array(hist_weights, pa.float32())),
                 _fixed_lists(candidates.reshape(n, -1), pa.int32()),
                 _fixed_lists(scores.reshape(n, -1), pa.float32()),
-                _fixed_lists(because.reshape(n, -1), pa.int32()),
+                _fixed_lists(because.reshape(n, -1).astype(np.int32), pa.int32()),  # uint8 positions; Spark has no unsigned byte
             ],
             names=["user", "history_items", "history_weights", "candidates", "scores", "because"],
         )
@@ -608,7 +608,7 @@ def user_side_parts(ranked, users, n_users: int, params: ModelParams) -> dict[st
     )
     candidates = table.column("candidates").combine_chunks().flatten().to_numpy().astype(np.int32).reshape(n_users, size)
     scores = table.column("scores").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    because = table.column("because").combine_chunks().flatten().to_numpy().astype(np.int32)
+    because = table.column("because").combine_chunks().flatten().to_numpy().astype(np.uint8)
     parts["candidates.npy"] = npy_bytes(candidates)
     parts["candidate_scores.npy"] = npy_bytes(scores.reshape(n_users, size))
     parts["candidate_because.npy"] = npy_bytes(because.reshape(n_users, size, -1))

@@ -26,13 +26,16 @@ from threadpoolctl import threadpool_limits
 from models.data import Catalog, Events
 from models.embeddings import Embeddings, ModelParams
 from models.progress import progress
-from models.recommender import BECAUSE_HISTORY, SEQUENCE_HISTORY, Recommender
+from models.recommender import BECAUSE_HISTORY, NEIGHBOURS, NO_REASON, SEQUENCE_HISTORY, Recommender
 
 log = logging.getLogger(__name__)
 
 POPULAR_SIZE = 1000
 BATCH_ENTRIES = 131_072  # users x padded history length per batched solve (~64 MB of float64 vectors)
 MAX_BATCH_USERS = 2048
+# The exact nearest-title table costs titles^2 x dimensions (~40-55 s at 100k titles on 2 cores); above
+# this many titles versions go without it and workers search Annoy per title instead (cached).
+NEIGHBOUR_TABLE_MAX = 200_000
 SCORE_BLOCK_ENTRIES = 8_000_000  # users x titles scored at once (32 MB of float32 per thread)
 
 
@@ -160,6 +163,11 @@ def item_parts(
         parts["recommend.ann"] = annoy_bytes(vectors, "dot", params.n_trees, params.seed)
         parts["similar.ann"] = annoy_bytes(vectors, "angular", params.n_trees, params.seed)
         log.info("annoy indexes built in %.1fs (%d titles, %d trees)", time.perf_counter() - started, len(vectors), params.n_trees)
+        if len(vectors) <= NEIGHBOUR_TABLE_MAX:
+            started = time.perf_counter()
+            found, cosines = nearest_titles(vectors, NEIGHBOURS)
+            parts["neighbours.npy"], parts["neighbour_cosines.npy"] = npy_bytes(found), npy_bytes(cosines)
+            log.info("nearest-title table built in %.1fs (%d x %d)", time.perf_counter() - started, *found.shape)
     parts.update(
         {
             "item_vectors.npy": npy_bytes(vectors.astype(np.float32)),
@@ -172,6 +180,34 @@ def item_parts(
         }
     )
     return parts
+
+
+def nearest_titles(vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each title's ``n`` nearest titles by cosine, itself left out, best first: int32 and float32 [titles, n].
+
+    Exact (blocks of one matrix product and a top-k each), so the
+    service's similar titles and "Because you watched" rows are a lookup, not
+    an Annoy search per request. Catalogues with fewer than ``n + 1`` titles
+    pad with -1 (cosine -inf).
+    """
+    unit = np.asarray(vectors, dtype=np.float32)
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=1), 1e-9)[:, None]
+    n_items = len(unit)
+    keep = min(n, n_items - 1)
+    found = np.full((n_items, n), -1, dtype=np.int32)
+    cosines = np.full((n_items, n), -np.inf, dtype=np.float32)
+    if keep <= 0:
+        return found, cosines
+    unit_t = torch.from_numpy(np.ascontiguousarray(unit.T))
+    rows_per_block = max(1, min(2048, SCORE_BLOCK_ENTRIES // n_items))
+    for start in range(0, n_items, rows_per_block):  # torch's own threads use every core
+        block = np.arange(start, min(start + rows_per_block, n_items))
+        sims = torch.from_numpy(unit[block]) @ unit_t
+        sims[torch.arange(len(block)), torch.from_numpy(block)] = -np.inf  # never a title's own neighbour
+        top_sims, top = torch.topk(sims, keep, dim=1)
+        found[block, :keep] = top.numpy()
+        cosines[block, :keep] = top_sims.numpy()
+    return found, cosines
 
 
 def user_parts(user_ids, indptr: np.ndarray, items: np.ndarray, weights: np.ndarray) -> dict[str, bytes]:
@@ -276,12 +312,13 @@ def precompute_candidates(
 
 
 def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: np.ndarray, limit: int = 2) -> np.ndarray:
-    """The "because" titles of every precomputed candidate, [users, size, limit] (-1 padded).
+    """The "because" titles of every precomputed candidate, [users, size, limit] uint8 positions in each
+    user's published history (``NO_REASON`` = none): 2 bytes a candidate instead of 8 for title ids.
 
     Exactly what :meth:`Recommender.because` would answer at request time,
     computed here in batches so the request path only looks them up.
     """
-    reasons = np.full((*candidates.shape, limit), -1, dtype=np.int32)
+    reasons = np.full((*candidates.shape, limit), NO_REASON, dtype=np.uint8)
 
     def fill(rows: np.ndarray) -> None:
         items, _ = padded_histories(recommender, users[rows], cap=BECAUSE_HISTORY)

@@ -69,7 +69,7 @@ class ModelParams:
     seq_pop_exponent: float = 0.5  # divide by (viewers_i * viewers_j) ** exponent, so hits don't dominate
     seq_neighbors: int = 100  # strongest neighbours kept per title (selection may try 200)
     seq_weight: float = 0.5  # weight of the z-scored sequence score next to the embedding score
-    candidates: int = 50  # per-user precomputed recommendations (k above this is computed live)
+    candidates: int = 100  # per-user precomputed recommendations (k above this, or filters they cannot fill: live)
     seed: int = 7
 
     def as_dict(self) -> dict:
@@ -342,6 +342,7 @@ def with_content(embeddings: Embeddings, catalog: Catalog, params: ModelParams) 
 
 CONTENT_MODELS = ("mlp", "linear")
 CONTENT_OBJECTIVES = ("regression", "als")
+PARAM_CHOICES = {"content_model": CONTENT_MODELS, "content_objective": CONTENT_OBJECTIVES}  # the CLI refuses others
 CONTENT_RIDGE = 0.3  # L2 penalty of the linear content model (per unit of mean title weight)
 
 

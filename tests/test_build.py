@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.build import open_parts, precompute_candidates, recent_histories
+from models.build import candidate_reasons, nearest_titles, open_parts, precompute_candidates, recent_histories
 from models.data import Events, load_catalog, load_events
 from models.embeddings import ModelParams, confidence_matrix, prune_rows, sequence_neighbors
-from models.recommender import NEIGHBOURS, top_k
+from models.recommender import top_k
 
 
 def random_events(seed: int, n_users: int = 40, n_items: int = 30, n_events: int = 900) -> Events:
@@ -136,8 +136,10 @@ def test_batched_user_step_is_the_one_user_solve(trained_demo, tmp_path: Path):
     batched = recommender.user_vectors(items, weights)
     for row in range(30):
         keep = items[row] >= 0
-        alone = recommender.user_vector(items[row, keep], weights[row, keep])
+        alone = recommender.user_vector(items[row, keep], weights[row, keep])  # a request's h x h form
+        direct = recommender._solve_direct(*recommender._history_terms(items[None, row, keep], weights[None, row, keep]))[0]
         np.testing.assert_allclose(batched[row], alone, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(alone, direct, rtol=1e-4, atol=1e-6)
     # A confidence below 1 (not what the job writes, but accepted) takes the direct path and agrees too.
     weights[1, 0] = 0.5
     keep = items[1] >= 0
@@ -174,6 +176,55 @@ def test_precomputed_candidates_are_the_exact_served_ranking(trained_demo, tmp_p
     recommender.close()
 
 
+def test_published_because_positions_name_the_titles_a_live_request_would(trained_demo, tmp_path: Path):
+    """The job stores each candidate's "because" as uint8 positions in the user's published history;
+    read back through the serving path they are exactly Recommender.because's titles."""
+    recommender = open_parts(trained_demo.parts, {"params": trained_demo.meta["params"]}, tmp_path)
+    users = np.random.default_rng(4).choice(len(recommender.user_ids), 30, replace=False)
+    candidates = recommender.candidates[users]
+    reasons = candidate_reasons(recommender, users, candidates)
+    assert reasons.dtype == np.uint8 and reasons.shape == (*candidates.shape, 2)
+    recommender.candidate_because = np.zeros((len(recommender.user_ids), *reasons.shape[1:]), np.uint8)
+    recommender.candidate_because[users] = reasons
+    for n, user in enumerate(users.tolist()):
+        items, _ = recommender.history(recommender.user_ids[user])
+        keep = [i for i, c in enumerate(candidates[n].tolist()) if c >= 0]
+        live = recommender.because([int(candidates[n, i]) for i in keep], items)
+        assert recommender.candidate_reasons(user, keep) == live
+        assert all(pair for pair in live)  # every candidate of a user with a history has a reason
+    recommender.close()
+
+
+def test_sequence_scores_sum_each_history_titles_watched_next_strengths(trained_demo, tmp_path: Path):
+    recommender = open_parts(trained_demo.parts, {"params": trained_demo.meta["params"]}, tmp_path)
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        history = rng.choice(recommender.n_items, int(rng.integers(1, 40)), replace=False)
+        want: dict[int, float] = defaultdict(float)
+        for title in history.tolist():
+            for at in range(recommender.seq_indptr[title], recommender.seq_indptr[title + 1]):
+                want[int(recommender.seq_indices[at])] += float(recommender.seq_weights[at])
+        items, values = recommender.sequence_scores(history)
+        assert items.tolist() == sorted(want)
+        assert values.tolist() == pytest.approx([want[i] for i in sorted(want)], rel=1e-6)
+    recommender.close()
+
+
+@pytest.mark.parametrize("n_items", [1, 3, 101, 2500])
+def test_nearest_titles_is_each_titles_cosine_ranking_without_itself(n_items):
+    vectors = np.random.default_rng(n_items).standard_normal((n_items, 8)).astype(np.float32)
+    found, cosines = nearest_titles(vectors, 100)
+    assert found.shape == cosines.shape == (n_items, 100)
+    unit = vectors / np.linalg.norm(vectors, axis=1)[:, None]
+    keep = min(100, n_items - 1)
+    for item in range(0, n_items, max(1, n_items // 50)):
+        cosine = unit @ unit[item]
+        cosine[item] = -np.inf
+        assert found[item, :keep].tolist() == np.argsort(-cosine, kind="stable")[:keep].tolist()
+        assert cosines[item, :keep] == pytest.approx(cosine[found[item, :keep]], abs=1e-5)
+        assert (found[item, keep:] == -1).all() and np.isneginf(cosines[item, keep:]).all()  # a small catalogue pads
+
+
 @pytest.mark.parametrize("n", [1, 7, 40, 41, 500, 5000])
 @pytest.mark.parametrize("k", [1, 3, 10, 50])
 def test_top_k_is_the_stable_sort_head_with_ties(n, k):
@@ -182,23 +233,25 @@ def test_top_k_is_the_stable_sort_head_with_ties(n, k):
         assert top_k(scores, k).tolist() == np.argsort(-scores, kind="stable")[:k].tolist()
 
 
-def test_similar_from_the_neighbour_cache_equals_a_fresh_search(trained_demo, tmp_path: Path):
-    """The worker's cached neighbour lists answer exactly what a search of the same width answers,
-    filtered and with exclusions, and fall back to a wider search when filters empty them."""
+def test_similar_from_the_neighbour_table_is_the_exact_cosine_ranking(trained_demo, tmp_path: Path):
+    """The published neighbour table answers what scoring every title by cosine answers, filtered and
+    with exclusions, and a wider search takes over when filters empty it."""
     model = open_parts(trained_demo.parts, trained_demo.meta, tmp_path)
+    assert model.neighbour_table is not None
     rng = np.random.default_rng(3)
     eligible = rng.random(model.n_items) < 0.5
-    search_k = model.sim_index.get_n_trees() * 100
     for item in rng.choice(model.n_items, 20, replace=False).tolist():
         exclude = set(rng.choice(model.n_items, 5).tolist())
         got = model.similar(item, 10, eligible, exclude)
-        found, dist = model.sim_index.get_nns_by_item(item, NEIGHBOURS, search_k=search_k, include_distances=True)
-        want = [i for i in found if i != item and i not in exclude and eligible[i]][:10]
-        if len(want) == 10:
-            assert [i for i, _ in got] == want
-        assert len(got) == min(10, int(eligible.sum()) - eligible[item] - len({e for e in exclude if eligible[e] and e != item}))
+        cosine = model._unit @ model._unit[item]
+        cosine[item] = -np.inf
+        ranked = [i for i in np.argsort(-cosine, kind="stable").tolist() if i not in exclude and eligible[i]][:10]
+        got_ids = [i for i, _ in got]
+        assert len(got_ids) == len(ranked) == 10
+        # Same titles, same order, up to float ties (the table is float32 and torch's).
+        assert got_ids[0] == ranked[0] and len(set(got_ids) & set(ranked)) >= 9
+        assert [c for _, c in got] == pytest.approx(sorted(cosine[got_ids].tolist(), reverse=True), abs=1e-5)
         assert all(eligible[i] and i not in exclude and i != item for i, _ in got)
-    assert model.neighbours.cache_info().hits + model.neighbours.cache_info().misses >= 20
     rare = np.zeros(model.n_items, dtype=bool)
     rare[rng.choice(model.n_items, 12, replace=False)] = True  # too few for the cached list: the exact path
     item = int(np.flatnonzero(~rare)[0])

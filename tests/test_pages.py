@@ -222,3 +222,41 @@ def test_rule_masks_are_cached_but_bounded():
         rules.new_titles(30, now=1_800_000_000 + 60 * minute)
     assert len(rules._cache) <= MASK_CACHE
     assert rules.eligible(None, now=2_100_000_000).tolist() == [True, False]  # b's window has closed
+
+
+def test_ranked_rows_are_the_users_best_titles_of_their_set(client):
+    """A genre or new-arrivals row (diversity 0) holds the user's top titles of that set by the served
+    score: from the published candidates, the worker's gathered small set, or the shared pool."""
+    import numpy as np
+
+    from app.pages import build_page
+    from models.rules import Filters
+
+    model = model_of(client)
+    rng = np.random.default_rng(2)
+    checked = {"genre": 0, "new_for_you": 0}
+    for user in rng.choice(model.user_ids, 12, replace=False).tolist():
+        items, weights = model.history(user)
+        if len(items) == 0:
+            continue
+        query = model.user_vector(items, weights)
+        every = np.arange(model.n_items)
+        score = model.blended_scores(query, every, *model.sequence_scores(items))
+        score[items] = -np.inf
+        eligible = model.rules.eligible(Filters())
+        for kind, spec in (("genre", {"kind": "genre", "count": 1}), ("new_for_you", {"kind": "new_for_you", "days": 30})):
+            rows = build_page(model, user, Filters(), set(), (None, None), {"min_items": 1, "rows": [{**spec, "size": 10, "diversity": 0}]}, [])
+            if not rows:
+                continue
+            row = rows[0]
+            mask = model.rules.genre_masks[row["title"]] if kind == "genre" else model.rules.new_titles(30)
+            allowed = np.flatnonzero(mask & eligible & np.isfinite(score))
+            best = allowed[np.argsort(-score[allowed], kind="stable")[:10]]
+            got = [model.item_index[i["item_id"]] for i in row["items"]]
+            assert [i["score"] for i in row["items"]] == sorted((i["score"] for i in row["items"]), reverse=True)
+            if kind == "new_for_you":  # a small set: scored exactly
+                assert got == best.tolist(), (user, got, best.tolist())
+            else:  # from the candidates (exact) or the shared pool (nearly)
+                assert len(set(got) & set(best.tolist())) >= min(8, len(best)), (user, got, best.tolist())
+            checked[kind] += 1
+    assert checked["genre"] >= 5 and checked["new_for_you"] >= 5

@@ -39,6 +39,11 @@ def test_bad_configuration_is_refused_with_the_reason(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--events", "", "--catalog", ""])
     assert "EVENTS_PATH" in capsys.readouterr().err
+    # A model parameter with a fixed set of values is refused before any data is read.
+    with pytest.raises(SystemExit) as exit_info:
+        nightly_args(["--events", "e.csv", "--catalog", "c.csv", "--content-objective", "exact"])
+    assert exit_info.value.code == 2 and "invalid choice: 'exact' (choose from 'regression', 'als')" in capsys.readouterr().err
+    assert nightly_args(["--events", "e.csv", "--catalog", "c.csv", "--content-objective", "als"]).params.content_objective == "als"
 
 
 class FakeClock:
