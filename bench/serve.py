@@ -277,18 +277,19 @@ TARGETS = {
 }
 
 
-def report(variant: dict, result: dict) -> bool:
+def report(variant: dict, result: dict, page_label: str) -> bool:
     h = result["health"]
     print(f"\n== {variant['name']} ==")
     print(f"  {'endpoint':<36}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'worst p99':>10}{'errors':>8}{'requests':>10}"
           f"{'worker CPU/req':>16}  req/s per round")  # fmt: skip
-    for name, m in (("/healthz", h), *((TARGETS[k][0], result[k]) for k in TARGETS)):
+    labels = {**{k: t[0] for k, t in TARGETS.items()}, "page": page_label}
+    for name, m in (("/healthz", h), *((labels[k], result[k]) for k in TARGETS)):
         rounds = " ".join(f"{x:.0f}" for x in m["rps_rounds"])
         print(f"  {name:<36}{m['rps']:>9.0f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}{m['p99_worst_ms']:>10.2f}"
               f"{m['errors']:>8}{m['requests']:>10}{m['cpu_us']:>13.0f} us  {rounds}")  # fmt: skip
     all_ok = h["errors"] == 0
-    for key, (label, target_ratio, target_p99) in TARGETS.items():
-        r = result[key]
+    for key, (_, target_ratio, target_p99) in TARGETS.items():
+        r, label = result[key], labels[key]
         ratio = r["rps"] / h["rps"]
         ok = ratio >= target_ratio and r["p99_ms"] <= target_p99 and r["errors"] == 0
         all_ok &= ok
@@ -353,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             for text in args.variants.split(","):
                 variant = parse_variant(text.strip())
                 result = bench_variant(args, wrk, redis_server.url, tmp, variant, users_file, exclude)
-                all_ok &= report(variant, result)
+                page_label = {"": "/page (6 rows: one of each kind)", "default": "/page (DEFAULT_PAGE: 8 rows)"}.get(
+                    args.page_config, f"/page ({Path(args.page_config).name})"
+                )
+                all_ok &= report(variant, result, page_label)
     return 0 if all_ok else 1
 
 
