@@ -173,8 +173,9 @@ def evaluate_on_sample(
         report("cold_start", 0, 1)
         cold_at = time.perf_counter()
         evaluation["cold_start"] = cold_start_evaluation(train, catalog, params, seed=params.seed)
-        if evaluation["cold_start"].get("content_model"):  # the content model form that placed new titles best
-            params = replace(params, content_model=evaluation["cold_start"]["content_model"])
+        cold = evaluation["cold_start"]
+        if cold.get("content_model"):  # the content model form and objective that placed new titles best
+            params = replace(params, content_model=cold["content_model"], content_objective=cold["content_objective"])
         timings["cold_start"] = time.perf_counter() - cold_at
     timings["evaluate"] = time.perf_counter() - started
     log.info(
@@ -382,6 +383,9 @@ def print_summary(result: NightlyResult, out=sys.stdout) -> None:
                 f"{cold['hit_rate']:.4f} vs random {cold['random_hit_rate']:.4f} ({cold['lift']:.1f}x)",
                 file=out,
             )
+            if cold.get("content_objective"):
+                text = f"; text_lift {cold['text_lift']:.2f}" if cold.get("text_lift") else ""
+                print(f"  content model: {cold['content_model']} on the {cold['content_objective']} objective{text}", file=out)
     if meta.get("selection"):
         best = max(meta["selection"], key=lambda t: t["ndcg@10"])
         print(f"selection: {len(meta['selection'])} trials on a validation split, best {best['ndcg@10']:.4f}", file=out)

@@ -53,13 +53,11 @@ def test_synopses_place_new_titles_better_than_structured_features_alone_on_the_
 
     Issue 14 asks for text_lift >= 1.5. The job does not reach it reliably
     (1.11-1.61 over seeds and parameters, either objective). So this asserts
-    what holds: text helps, both forms are measured and the best kept, and
-    the opt-in ALS-loss objective places new titles far better than the
-    default regression to the CF vectors (12x random against 7x, the same
-    split and ALS fit).
+    what holds: text helps, every content model form on every objective is
+    measured on one ALS fit and the best pair kept, and here (the demo's
+    viewers follow themes the synopses name) ALS's own loss places new
+    titles far better than the regression to the CF vectors.
     """
-    from dataclasses import replace
-
     from jobs.make_demo_data import DEFAULT_EVENTS, DEFAULT_ITEMS, DEFAULT_SEED, DEFAULT_USERS, write_demo_data
     from jobs.nightly import embed_catalog
     from models.data import load_catalog, load_events
@@ -73,13 +71,14 @@ def test_synopses_place_new_titles_better_than_structured_features_alone_on_the_
     params = ModelParams()
     train = events.subset(holdout_split(events, 0.2, "temporal", seed=params.seed))  # as the job splits
     cold = cold_start_evaluation(train, catalog, params, seed=params.seed)
-    als = cold_start_evaluation(train, catalog, replace(params, content_objective="als"), seed=params.seed)
-    print(f"\ncold start on the default demo data: {cold}\nwith the content model on ALS's loss: {als}")
-    assert set(cold["hit_rate_by_content_model"]) == {"mlp", "linear"}
-    assert cold["hit_rate"] == max(cold["hit_rate_by_content_model"].values())
+    print(f"\ncold start on the default demo data: {cold}")
+    rates = cold["hit_rate_by_choice"]
+    assert set(rates) == {"mlp/regression", "linear/regression", "mlp/als", "linear/als"}
+    assert cold["hit_rate"] == max(rates.values()) == rates[f"{cold['content_model']}/{cold['content_objective']}"]
+    assert cold["content_objective"] == "als"
+    assert cold["hit_rate"] > 1.4 * max(rates["mlp/regression"], rates["linear/regression"])
     assert cold["text_lift"] > 1.1
     assert cold["lift_without_text"] > 2.0  # the structured features alone beat random placement too
-    assert als["lift"] > 1.4 * cold["lift"] and als["text_lift"] > 1.1
 
 
 def test_a_titles_own_synopsis_finds_it_in_the_top_three(client, demo_files):
