@@ -258,3 +258,24 @@ def test_similar_from_the_neighbour_table_is_the_exact_cosine_ranking(trained_de
     got = model.similar(item, 10, rare)
     cosine = model._unit[np.flatnonzero(rare)] @ model._unit[item]
     assert [i for i, _ in got] == np.flatnonzero(rare)[np.argsort(-cosine, kind="stable")[:10]].tolist()
+
+
+def test_versions_published_before_the_table_and_the_positions_still_serve(trained_demo, tmp_path: Path):
+    """A version without neighbours.npy searches Annoy per title (cached); int32 "because" titles read as titles."""
+    parts = {k: v for k, v in trained_demo.parts.items() if not k.startswith("neighbour")}
+    old = open_parts(parts, trained_demo.meta, tmp_path / "old")
+    new = open_parts(trained_demo.parts, trained_demo.meta, tmp_path / "new")
+    assert old.neighbour_table is None and new.neighbour_table is not None
+    for item in range(0, old.n_items, max(1, old.n_items // 10)):
+        before, now = [i for i, _ in old.similar(item, 10)], [i for i, _ in new.similar(item, 10)]
+        assert item not in before and len(before) == 10 and len(set(before) & set(now)) >= 8  # Annoy vs exact
+    assert old.neighbours.cache_info().misses > 0
+    user = next(u for u in range(len(new.user_ids)) if len(new.history(new.user_ids[u])[0]) >= 3)
+    keep = list(range(5))
+    titles = new.candidate_reasons(user, keep)
+    as_titles = np.full(new.candidate_because.shape, -1, dtype=np.int32)  # the old layout: title ids, -1 = none
+    as_titles[user, : len(keep), :] = [pair + [-1] * (2 - len(pair)) for pair in titles]
+    new.candidate_because = as_titles
+    assert new.candidate_reasons(user, keep) == titles
+    old.close()
+    new.close()
