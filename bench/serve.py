@@ -48,6 +48,8 @@ from harness import (
     source_digest,
 )  # fmt: skip
 
+from app.pages import DEFAULT_PAGE  # noqa: E402
+
 PREFIX = "recs"
 TARGET_RATIO, TARGET_P99_MS = 0.6, 15.0
 
@@ -108,17 +110,7 @@ def publish_model(args, redis_dir: Path) -> Path:
 
 # The page issue 12 measures: six rows, one of each kind (app.pages.DEFAULT_PAGE has eight: two
 # "Because you watched" and two genre rows). --page-config default measures that one instead.
-SIX_ROWS = {
-    "min_items": 5,
-    "rows": [
-        {"kind": "top_picks", "size": 10},
-        {"kind": "because_you_watched", "count": 1, "size": 10},
-        {"kind": "trending", "size": 10},
-        {"kind": "new_for_you", "size": 10, "days": 30},
-        {"kind": "genre", "count": 1, "size": 10},
-        {"kind": "popular", "size": 10},
-    ],
-}
+SIX_ROWS = {**DEFAULT_PAGE, "rows": [{**row, "count": 1} if "count" in row else row for row in DEFAULT_PAGE["rows"]]}
 
 
 def start_gunicorn(redis_url: str, cache_dir: Path, variant: dict) -> tuple[subprocess.Popen, str]:
