@@ -224,8 +224,8 @@ def similar():
 def history():
     user = Query.from_args().id("user")
     model = serving_model()
+    fresh_items, fresh_weights = live_model().fresh_history(model, user)  # first: reads the record too
     items, weights = model.history(user)
-    fresh_items, fresh_weights = live_model().fresh_history(model, user)
     fresh = set()
     if fresh_items is not None and len(fresh_items):
         from models.recommender import merge_history
@@ -237,7 +237,7 @@ def history():
         {
             "user": user,
             "model_version": model.version,
-            "known": user in model.user_index or bool(fresh),
+            "known": model.user(user) is not None or bool(fresh),
             "items": [
                 {"item_id": ids[i], "title": titles[i], "weight": round(float(w), 4), "fresh": int(i) in fresh}
                 for i, w in zip(items.tolist(), weights.tolist())

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import orjson
 import redis
+from flask import g, has_request_context
 
 from app.metrics import LOAD_FAILURES, MODEL_FALLBACK
 from models.experiments import Experiment
@@ -30,6 +31,16 @@ from models.recommender import Recommender
 from models.store import ModelError, ModelStore
 
 log = logging.getLogger(__name__)
+
+
+def _request_records() -> dict | None:
+    """This request's user records by (version, user id); None outside a request (no caching)."""
+    if not has_request_context():
+        return None
+    if "user_records" not in g:
+        g.user_records = {}
+    return g.user_records
+
 
 # After a failed overlay read, requests skip Redis for this long (no connect timeout per request).
 FRESH_RETRY_SECONDS = 1.0
@@ -76,26 +87,54 @@ class LiveModel:
     def fresh_history(self, model: Recommender, user_id: str):
         """(items, weights) of events accepted since ``model`` was built, or (None, None).
 
-        One HGET of the user's overlay field (see models.live_events). When
-        Redis fails, the request goes on without fresh history and the next
+        One round trip: the HGET of the user's overlay field (see
+        models.live_events), pipelined with the HGET of the user's record
+        when ``model`` keeps users in Redis (the record is then kept for the
+        rest of the request, :meth:`user_record`). When Redis fails, the
+        request goes on without fresh history (and, for such a version, as
+        an unknown user: popular and item-based answers), and the next
         ``FRESH_RETRY_SECONDS`` of requests do not try, so an outage costs no
         latency; the first read that works again marks Redis reachable.
         """
-        events = self.events
-        if events is None or time.monotonic() < self._fresh_retry_at:
-            return None, None
         known = self.fresh_users
-        if known is not None and user_id not in known:
-            return None, None  # no fresh events for this user: no Redis round trip
+        want_fresh = self.events is not None and (known is None or user_id in known)  # else: no fresh events
+        memo = _request_records()
+        want_user = model.user_store is not None and (memo is None or (model.version, user_id) not in memo)
+        raw_user, raw_fresh = self._read(model, user_id, want_user, want_fresh)
+        if want_user and memo is not None:
+            memo[(model.version, user_id)] = model.decode_user(raw_user)
+        return fresh_overlay(model, raw_fresh) if raw_fresh is not None else (None, None)
+
+    def user_record(self, model: Recommender, user_id: str):
+        """``model.read_user`` of a version whose users are records in Redis: the request's copy if
+        :meth:`fresh_history` already read it, else one HGET (None while Redis is unreachable)."""
+        memo = _request_records()
+        if memo is not None and (model.version, user_id) in memo:
+            return memo[(model.version, user_id)]
+        record = model.decode_user(self._read(model, user_id, True, False)[0])
+        if memo is not None:
+            memo[(model.version, user_id)] = record
+        return record
+
+    def _read(self, model: Recommender, user_id: str, want_user: bool, want_fresh: bool) -> tuple[bytes | None, bytes | None]:
+        """(the user's record, the user's overlay) as stored, in one pipeline; None for what was not asked."""
+        if not (want_user or want_fresh) or time.monotonic() < self._fresh_retry_at:
+            return None, None
+        client = self.events.redis if self.events is not None else self.store.redis  # short timeouts
+        pipe = client.pipeline(transaction=False)
+        if want_user:
+            pipe.hget(*self.store.user_address(model.version, model.user_store, user_id))
+        if want_fresh:
+            pipe.hget(self.store.keys.fresh_history, user_id)
         try:
-            raw = events.fresh_raw(user_id)
+            found = pipe.execute()
         except redis.RedisError as exc:
             self._fresh_retry_at = time.monotonic() + FRESH_RETRY_SECONDS
             self._mark_redis_down(exc)
             return None, None
         if not self.redis_ok:
             self.redis_ok = True
-        return fresh_overlay(model, raw)
+        return (found.pop(0) if want_user else None), (found.pop(0) if want_fresh else None)
 
     def serving(self, user_id: str) -> tuple[Recommender | None, str | None, str | None]:
         """(model, arm, experiment id) for this user: the arm's version while an experiment runs, else the live one."""
@@ -194,7 +233,10 @@ class LiveModel:
 
     def _load(self, version: str) -> Recommender:
         folder = self.store.materialize(version, self.cache_dir)
-        return Recommender(folder)
+        model = Recommender(folder)
+        if model.user_store is not None:
+            model.read_user = lambda user_id: self.user_record(model, user_id)
+        return model
 
     def _swap(self, model: Recommender) -> None:
         previous, self.current = self.current, model

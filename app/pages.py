@@ -196,7 +196,8 @@ class PageBuilder:
         self.promotions = promotions or {}
         self.fresh_items, self.fresh_weights = fresh
         self.fresh = self.fresh_items is not None and len(self.fresh_items) > 0
-        items, weights = model.history(user)
+        self.record = model.user(user)  # one read per page (a Redis record, or the mapped parts)
+        items, weights = model.history(self.record)
         if self.fresh_items is not None and len(self.fresh_items):
             items, weights = merge_history(self.fresh_items, self.fresh_weights, items, weights)
         self.history, self.weights = items, weights
@@ -208,7 +209,7 @@ class PageBuilder:
     def terms(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], list[int]]:
         """The user's vector, watched-next scores and nearest titles: computed once for every row of the page."""
         query = self.model.user_vector(self.history, self.weights)
-        nearest = self.model.nearby_titles(self.user, self.history, query, ANNOY_CANDIDATES + len(self.history) + PAGE_SLOTS)
+        nearest = self.model.nearby_titles(self.record, self.history, query, ANNOY_CANDIDATES + len(self.history) + PAGE_SLOTS)
         return query, self.model.sequence_scores(np.asarray(self.history)), nearest
 
     @cached_property
@@ -275,7 +276,7 @@ class PageBuilder:
         if not self.known:
             return []
         strategy, recs = self.model.recommend(
-            self.user, size, self.fresh_items, self.fresh_weights, filters=self.filters, exclude=self.used
+            self.record, size, self.fresh_items, self.fresh_weights, filters=self.filters, exclude=self.used
         )
         return recs if strategy == "personalized" else []
 
@@ -312,9 +313,9 @@ class PageBuilder:
         if not eligible.any():
             return []
         if self.known and not self.fresh:  # the user's published top titles hold the row: exact, no scoring
-            published = self.model.published_top(self.user, size, eligible, self.taken())
+            published = self.model.published_top(self.record, size, eligible, self.taken())
             if published is not None:
-                return [Recommendation(i, s, []) for i, s in published[2]]
+                return [Recommendation(i, s, []) for i, s in published[1]]
         if self.known and key is not None and np.count_nonzero(eligible) <= EXACT_POOL:  # new arrivals: score all
             query, sequence, _ = self.terms
             allowed = eligible.copy()

@@ -160,8 +160,8 @@ def rank(model, user: str | None, found: list[tuple[int, float]], exact: list[in
     scores = {row: cos for row, cos in found}
     seen: set[int] = set()
     if user and found:
+        fresh_items, fresh_weights = live_model().fresh_history(model, user)  # first: reads the record too
         items, weights = model.history(user)
-        fresh_items, fresh_weights = live_model().fresh_history(model, user)
         if fresh_items is not None and len(fresh_items):
             from models.recommender import merge_history
 

@@ -142,13 +142,14 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: Path = REPO_ROOT)
 
 
 def memory_of(pid: int) -> dict[str, int]:
-    """RSS and PSS (bytes) of a process; PSS splits shared pages between their users."""
+    """RSS, PSS and private memory (bytes) of a process; PSS splits shared pages between their users."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("Rss", "Pss", "Pss_Anon", "Pss_File", "Shared_Clean", "Private_Dirty"):
+            if key in ("Rss", "Pss", "Pss_Anon", "Pss_File", "Shared_Clean", "Private_Clean", "Private_Dirty"):
                 out[key.lower()] = int(rest.split()[0]) * 1024
+        out["private"] = out.get("private_clean", 0) + out.get("private_dirty", 0)  # this process's alone
     except OSError:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

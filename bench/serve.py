@@ -269,6 +269,27 @@ TARGETS = {
 }
 
 
+def user_store_report(store, version: str, meta: dict, sample: int = 500) -> str:
+    """Where the version keeps its users, and what a user costs in Redis (MEMORY USAGE of sampled buckets)."""
+    info = meta.get("user_store")
+    if not info:
+        return "users: per-user parts, memory-mapped on every host (a version published before user records)"
+    buckets = store.user_buckets(version, info)
+    picked = buckets[:: max(1, len(buckets) // sample)]
+    pipe = store.redis.pipeline(transaction=False)
+    for key in picked:
+        pipe.memory_usage(key, samples=0)
+        pipe.hlen(key)
+    found = pipe.execute()
+    used, users = sum(found[0::2]), sum(found[1::2])
+    rate = info["users"] / info["seconds"] if info.get("seconds") else float("nan")
+    return (
+        f"users: {info['users']:,} records in {info['buckets']:,} Redis hashes; {used / max(users, 1):.0f} B of Redis "
+        f"per user ({info['bytes'] / max(info['users'], 1):.0f} B of record); written in {info.get('seconds', 0):.1f} s "
+        f"({rate:,.0f} users/s, pipelined)"
+    )
+
+
 def report(variant: dict, result: dict, page_label: str) -> bool:
     h = result["health"]
     print(f"\n== {variant['name']} ==")
@@ -293,7 +314,7 @@ def report(variant: dict, result: dict, page_label: str) -> bool:
         print(
             f"  worker {pid}: RSS {mb(mem.get('rss', 0))}, PSS {mb(mem.get('pss', 0))} "
             f"(file-backed {mb(mem.get('pss_file', 0))}, anon {mb(mem.get('pss_anon', 0))}), "
-            f"shared clean {mb(mem.get('shared_clean', 0))}"
+            f"private {mb(mem.get('private', 0))}, shared clean {mb(mem.get('shared_clean', 0))}"
         )
     print(f"  master: RSS {mb(result['master'].get('rss', 0))}")
     return all_ok
@@ -340,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             exclude = items["item_id"][:50]
             print(f"model {version}: {meta['counts']['titles']:,} titles, {meta['counts']['users']:,} users, "
                   f"{meta['counts']['events']:,} events; parts {mb(sum(p['size'] for p in meta['parts'].values()))}")
+            print(user_store_report(store, version, meta))
             print(f"wrk: {args.connections} connections, {args.wrk_threads} threads, "
                   f"{args.rounds} x {args.seconds:.0f}s per endpoint, alternating")
             all_ok = True

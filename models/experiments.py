@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from models.store import ModelStore
+from models.store import ModelStore, new_version_id
 
 ARM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
@@ -202,7 +202,10 @@ def publish_baseline(store: ModelStore, version: str) -> str:
     store.verify(version, meta)
     parts = {name: store.fetch_part(version, name, info) for name, info in meta["parts"].items()}
     keep = {k: v for k, v in meta.items() if k not in ("parts", "checksum", "model_version", "stored_at", "created_at", "status", "activated_at")}
-    return store.write_version(parts, {**keep, "ranking": "popularity", "baseline_of": version})
+    twin = new_version_id()
+    if meta.get("user_store"):  # the same user records, under the twin's own id (pruned with it)
+        store.copy_users(version, twin, meta["user_store"])
+    return store.write_version(parts, {**keep, "ranking": "popularity", "baseline_of": version}, twin)
 
 
 def history(store: ModelStore) -> list[dict]:

@@ -19,14 +19,21 @@ Parts (all written by :mod:`models.build`):
 ``candidate_because.npy``  uint8 [users, candidates, 2]: each candidate's "because" titles as positions
                     in the user's published history (255 = none; older versions: int32 titles, -1 = none)
 ``neighbours.npy`` / ``neighbour_cosines.npy``  each title's ``NEIGHBOURS`` nearest titles by cosine (exact)
+
+A version whose metadata has ``user_store`` has no per-user parts (``users.json`` to
+``candidate_because.npy``): each user's history, candidates and "because" are one record in
+Redis (:func:`models.store.pack_user`), read per request through ``read_user`` (set by the
+service, :mod:`app.live_model`), so a worker's memory does not grow with users.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -36,9 +43,11 @@ import orjson
 from annoy import AnnoyIndex
 
 from models.rules import CatalogRules, Filters
+from models.store import NO_REASON, CorruptUser, UserRecord, unpack_user
+
+log = logging.getLogger(__name__)
 
 BECAUSE_HISTORY = 200  # most recent history titles searched for a "because" (positions fit a uint8)
-NO_REASON = 255  # an unused "because" slot of a published candidate
 ANNOY_CANDIDATES = 300  # titles asked of Annoy per query before exact re-scoring
 POPULAR_CANDIDATES = 200  # most popular titles always re-scored alongside
 SEQUENCE_CANDIDATES = 50  # strongest watched-next titles re-scored alongside
@@ -78,18 +87,25 @@ class Recommender:
         self.item_ids: list[str] = self.items["item_id"]
         self.titles: list[str] = self.items["title"]
         self.item_index = {item_id: row for row, item_id in enumerate(self.item_ids)}
-        self.user_ids: list[str] = orjson.loads((folder / "users.json").read_bytes())
-        self.user_index = {user_id: row for row, user_id in enumerate(self.user_ids)}
-        self.hist_indptr = _mapped(folder / "history_indptr.npy")
-        self.hist_items = _mapped(folder / "history_items.npy")
-        self.hist_weights = _mapped(folder / "history_weights.npy")
+        self.user_store: dict | None = self.meta.get("user_store")  # per-user records in Redis
+        self.read_user: Callable[[str], UserRecord | None] | None = None  # the service's reader of them
+        self._user_ids: list[str] | None = None
+        self.user_index: dict[str, int] = {}
+        self.hist_indptr = self.hist_items = self.hist_weights = None
+        self.candidates = self.candidate_scores = self.candidate_because = None
+        if self.user_store is None:  # per-user parts, memory-mapped
+            self._user_ids = orjson.loads((folder / "users.json").read_bytes())
+            self.user_index = {user_id: row for row, user_id in enumerate(self.user_ids)}
+            self.hist_indptr = _mapped(folder / "history_indptr.npy")
+            self.hist_items = _mapped(folder / "history_items.npy")
+            self.hist_weights = _mapped(folder / "history_weights.npy")
+            candidates = folder / "candidates.npy"
+            self.candidates = _mapped(candidates) if candidates.is_file() else None
+            self.candidate_scores = _mapped(folder / "candidate_scores.npy") if self.candidates is not None else None
+            because = folder / "candidate_because.npy"  # optional: versions published before it compute live
+            self.candidate_because = _mapped(because) if self.candidates is not None and because.is_file() else None
         self.popular = np.load(folder / "popular.npy")
         self.popular_head = self.popular[:POPULAR_CANDIDATES].tolist()
-        candidates = folder / "candidates.npy"
-        self.candidates = _mapped(candidates) if candidates.is_file() else None
-        self.candidate_scores = _mapped(folder / "candidate_scores.npy") if self.candidates is not None else None
-        because = folder / "candidate_because.npy"  # optional: versions published before it compute live
-        self.candidate_because = _mapped(because) if self.candidates is not None and because.is_file() else None
         self.seq_indptr = _mapped(folder / "seq_indptr.npy")
         self.seq_indices = _mapped(folder / "seq_indices.npy")
         self.seq_weights = _mapped(folder / "seq_weights.npy")
@@ -137,20 +153,54 @@ class Recommender:
         with the same code the job and the service use.
         """
         view = copy.copy(self)
-        view.user_ids = list(user_ids)
+        view.user_store, view.read_user = None, None
+        view._user_ids = list(user_ids)
         view.user_index = {user_id: row for row, user_id in enumerate(view.user_ids)}
         view.hist_indptr, view.hist_items, view.hist_weights = indptr, items, weights
         view.candidates = view.candidate_scores = view.candidate_because = None
         return view
 
-    # -- history -------------------------------------------------------------------
-    def history(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Item indices (newest first) and confidences the model knows for ``user_id``."""
-        row = self.user_index.get(user_id)
+    # -- the user side ---------------------------------------------------------------
+    @property
+    def user_ids(self) -> list[str]:
+        """Every user id of this version (read on first use when the users are records: tools, not requests)."""
+        if self._user_ids is None:
+            self._user_ids = orjson.loads((self.folder / "users.json").read_bytes())
+        return self._user_ids
+
+    def user(self, user: str | UserRecord | None) -> UserRecord | None:
+        """The published record of a user id (None: unknown to this version); a record passes through."""
+        if not isinstance(user, str):
+            return user
+        if self.user_store is not None:
+            return self.read_user(user) if self.read_user is not None else None
+        row = self.user_index.get(user)
         if row is None:
-            return np.empty(0, np.int32), np.empty(0, np.float32)
+            return None
         start, end = self.hist_indptr[row], self.hist_indptr[row + 1]
-        return np.asarray(self.hist_items[start:end]), np.asarray(self.hist_weights[start:end])
+        if self.candidates is None:
+            candidates, scores = np.empty(0, np.int32), np.empty(0, np.float32)
+        else:
+            candidates, scores = self.candidates[row], self.candidate_scores[row]
+        because = self.candidate_because[row] if self.candidate_because is not None else None
+        return UserRecord(np.asarray(self.hist_items[start:end]), np.asarray(self.hist_weights[start:end]), candidates, scores, because)
+
+    def decode_user(self, raw: bytes | None) -> UserRecord | None:
+        """A stored record checked against this version (a corrupt one counts as unknown, and is logged)."""
+        if raw is None:
+            return None
+        try:
+            return unpack_user(raw, self.n_items)
+        except CorruptUser as exc:
+            log.warning("version %s: ignoring a corrupt user record (%s)", self.version, exc)
+            return None
+
+    def history(self, user: str | UserRecord | None) -> tuple[np.ndarray, np.ndarray]:
+        """Item indices (newest first) and confidences the model knows for ``user``."""
+        record = self.user(user)
+        if record is None:
+            return np.empty(0, np.int32), np.empty(0, np.float32)
+        return record.items, record.weights
 
     # -- scoring ---------------------------------------------------------------------
     def user_vector(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -337,12 +387,12 @@ class Recommender:
         titles, best = history[order].tolist(), best.tolist()
         return [[t for n, (t, c) in enumerate(zip(row, cos)) if n == 0 or c > 0] for row, cos in zip(titles, best)]
 
-    def candidate_reasons(self, row: int, keep: list[int]) -> list[list[int]]:
-        """The published "because" titles of user ``row``'s candidates at positions ``keep``."""
-        because = self.candidate_because[row][keep]
+    def candidate_reasons(self, record: UserRecord, keep: list[int]) -> list[list[int]]:
+        """The published "because" titles of the user's candidates at positions ``keep``."""
+        because = record.because[keep]
         if because.dtype != np.uint8:  # versions before history positions stored the titles
             return [[t for t in pair if t >= 0] for pair in because.tolist()]
-        history = self.hist_items[self.hist_indptr[row] : self.hist_indptr[row + 1]].tolist()
+        history = record.items.tolist()
         return [[history[p] for p in pair if p != NO_REASON] for pair in because.tolist()]
 
     def because_rows(self, recommended: np.ndarray, history: np.ndarray, limit: int = 2) -> np.ndarray:
@@ -374,7 +424,7 @@ class Recommender:
 
     def recommend(
         self,
-        user_id: str,
+        user: str | UserRecord | None,
         k: int,
         fresh_items: np.ndarray | None = None,
         fresh_weights: np.ndarray | None = None,
@@ -394,7 +444,8 @@ class Recommender:
         """
         eligible = self.rules.eligible(filters, now)
         exclude = exclude or set()
-        items, weights = self.history(user_id)
+        record = self.user(user)
+        items, weights = self.history(record)
         if fresh_items is not None and len(fresh_items):
             items, weights = merge_history(fresh_items, fresh_weights, items, weights)
         if len(items) == 0:
@@ -404,11 +455,11 @@ class Recommender:
             return "popular", self.popular_items(k, exclude=seen | exclude, eligible=eligible)
         fresh = fresh_items is not None and len(fresh_items) > 0
         picked, reasons = None, None
-        published = None if fresh else self.published_top(user_id, k, eligible, exclude)
+        published = None if fresh else self.published_top(record, k, eligible, exclude)
         if published is not None:
-            row, keep, picked = published
-            if self.candidate_because is not None:
-                reasons = self.candidate_reasons(row, keep)
+            keep, picked = published
+            if record.because is not None:
+                reasons = self.candidate_reasons(record, keep)
         if picked is None:
             picked = self.ranked(items, weights, k, eligible, seen | exclude)
         if not picked:
@@ -421,25 +472,25 @@ class Recommender:
         return "personalized", recs
 
     def published_top(
-        self, user_id: str, k: int, eligible: np.ndarray, exclude: set[int]
-    ) -> tuple[int, list[int], list[tuple[int, float]]] | None:
+        self, user: str | UserRecord | None, k: int, eligible: np.ndarray, exclude: set[int]
+    ) -> tuple[list[int], list[tuple[int, float]]] | None:
         """The exact top ``k`` of ``eligible`` titles not in ``exclude``, from the user's published candidates
         (their best unseen titles of the whole catalogue, best first), when those hold ``k`` of them.
 
-        (user row, positions in the candidate list, [(title, score)]); None when the candidates run short
-        (the caller ranks live) or the user has none. Valid only for the published history (no fresh events).
+        (positions in the candidate list, [(title, score)]); None when the candidates run short (the
+        caller ranks live) or the user has none. Valid only for the published history (no fresh events).
         """
-        row = self.user_index.get(user_id)
-        if row is None or self.candidates is None:
+        record = self.user(user)
+        if record is None or len(record.candidates) == 0:
             return None
-        cands = self.candidates[row].tolist()
+        cands = record.candidates.tolist()
         keep = [n for n, i in enumerate(cands) if i >= 0 and eligible[i] and i not in exclude]
         # Fewer than k is still the whole answer when the list is not full (the user has seen nearly everything).
         if len(keep) < k and (len(keep) != sum(i >= 0 for i in cands) or k > len(cands)):
             return None
         keep = keep[:k]
-        scores = self.candidate_scores[row]
-        return row, keep, [(cands[n], float(scores[n])) for n in keep]
+        scores = record.scores
+        return keep, [(cands[n], float(scores[n])) for n in keep]
 
     def ranked(
         self,
@@ -485,7 +536,7 @@ class Recommender:
         pool = np.flatnonzero(eligible)  # exact over every eligible title
         return self._top(query, pool, seq_items, seq_values, k)
 
-    def nearby_titles(self, user_id: str, history: np.ndarray, query: np.ndarray, n: int) -> list[int]:
+    def nearby_titles(self, user: str | UserRecord | None, history: np.ndarray, query: np.ndarray, n: int) -> list[int]:
         """Titles close to a user, found without a search: the user's published candidates and the tabled
         nearest titles of their ``NEARBY_SEEDS`` most recent titles (a page's shared pool; re-scored exactly
         by the caller). Versions without the neighbour table ask Annoy for ``n`` near ``query``.
@@ -493,9 +544,9 @@ class Recommender:
         if self.neighbour_table is None:
             return self.nearest_pool(query, n)
         parts = [self.neighbour_table[0][np.asarray(history[:NEARBY_SEEDS], dtype=np.int64)].ravel()]
-        row = self.user_index.get(user_id)
-        if row is not None and self.candidates is not None:
-            parts.insert(0, self.candidates[row])
+        record = self.user(user)
+        if record is not None and len(record.candidates):
+            parts.insert(0, record.candidates)
         pool = np.concatenate(parts)
         return pool[pool >= 0].tolist()
 
@@ -629,6 +680,15 @@ class Recommender:
         found, dist = self.sim_index.get_nns_by_item(item, NEIGHBOURS, search_k=search_k, include_distances=True)
         # Annoy's angular distance is sqrt(2 - 2 cos); report the cosine.
         return np.array(found, dtype=np.int32), 1.0 - np.square(np.array(dist, dtype=np.float32)) / 2.0
+
+
+def open_version(store, version: str, cache_dir) -> Recommender:
+    """A version materialised from ``store`` and opened, its user records read straight from Redis
+    (tools and tests; the service reads them through :mod:`app.live_model`)."""
+    model = Recommender(store.materialize(version, cache_dir))
+    if model.user_store is not None:
+        model.read_user = lambda user_id: model.decode_user(store.read_user(version, model.user_store, user_id))
+    return model
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -7,6 +7,8 @@ A model *version* is a set of named binary parts plus a JSON metadata record::
     {prefix}:version:{id}:meta          -> JSON: created_at, counts, params, metrics,
                                            parts {name: {size, sha256, chunks}}, checksum
     {prefix}:version:{id}:part:{name}:{n} -> bytes of part ``name``, chunk ``n``
+    {prefix}:version:{id}:users:{b}     -> hash: keyed user hash -> that user's record (history, candidates,
+                                           "because"; :func:`pack_user`), bucket ``b`` of ``user_store.buckets``
     {prefix}:channel:live               -> pub/sub: a version id, sent after each switch
 
 Batch runs (written by :mod:`jobs.runs`, read by the dashboard)::
@@ -54,14 +56,17 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import io
 import os
 import secrets
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import orjson
 import redis
 
@@ -70,23 +75,131 @@ DEFAULT_PREFIX = "recs"
 DEFAULT_KEEP = 5
 
 # Names of the parts every complete version has (see models.recommender for their meaning).
-REQUIRED_PARTS = (
+ITEM_PARTS = (
     "recommend.ann",
     "similar.ann",
     "item_vectors.npy",
     "items.json",
-    "users.json",
-    "history_indptr.npy",
-    "history_items.npy",
-    "history_weights.npy",
     "popular.npy",
-    "candidates.npy",
-    "candidate_scores.npy",
     "gram.npy",
     "seq_indptr.npy",
     "seq_indices.npy",
     "seq_weights.npy",
 )
+# The per-user side as parts: versions without ``user_store`` (published before it, and offline
+# experiments). A version with ``user_store`` keeps one record per user in Redis instead.
+USER_PARTS = (
+    "users.json",
+    "history_indptr.npy",
+    "history_items.npy",
+    "history_weights.npy",
+    "candidates.npy",
+    "candidate_scores.npy",
+)
+REQUIRED_PARTS = ITEM_PARTS + USER_PARTS
+# What a version with ``user_store`` keeps as records instead of parts (``users.json`` stays a part: the
+# ids, for tools and the dashboard; a worker never loads it on the request path).
+RECORD_PARTS = (*USER_PARTS[1:], "candidate_because.npy")
+USERS_PER_BUCKET = 128  # per-user records per Redis hash: ~16k buckets for 2M users, spread over every slot
+USER_WRITE_BATCH = 2_000  # records per pipelined write
+
+
+# -- per-user records ----------------------------------------------------------------------------
+# One user's published data, as stored in a user bucket (``Keys.user_bucket``)::
+#
+#   b"U1", n_history uint16, n_candidates uint16, reasons uint8     (7-byte header, little-endian)
+#   history titles int32[n_history] (newest first), their confidences float32[n_history],
+#   candidate titles int32[n_candidates] (best first), their scores float32[n_candidates],
+#   "because" uint8[n_candidates, reasons]: positions in the history (NO_REASON = none)
+_USER_HEADER = struct.Struct("<2sHHB")
+USER_MAGIC = b"U1"
+NO_REASON = 255
+USER_KEY_BYTES = 12
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user's published history, candidates and the candidates' "because" (positions in the history)."""
+
+    items: np.ndarray  # int32, newest first
+    weights: np.ndarray  # float32
+    candidates: np.ndarray  # int32, best first (-1 = padding, in versions with per-user parts)
+    scores: np.ndarray  # float32
+    because: np.ndarray | None  # uint8 [candidates, reasons] positions; older versions: int32 titles; None: live
+
+
+class CorruptUser(ValueError):
+    """A per-user record that does not decode into valid titles of its version."""
+
+
+def pack_user(items, weights, candidates, scores, because) -> bytes:
+    keep = np.asarray(candidates) >= 0
+    items, weights = np.asarray(items, "<i4"), np.asarray(weights, "<f4")
+    candidates, scores = np.asarray(candidates, "<i4")[keep], np.asarray(scores, "<f4")[keep]
+    because = np.asarray(because, np.uint8)[keep]
+    return b"".join(
+        (_USER_HEADER.pack(USER_MAGIC, len(items), len(candidates), because.shape[1] if because.ndim == 2 else 0),
+         items.tobytes(), weights.tobytes(), candidates.tobytes(), scores.tobytes(), because.tobytes())
+    )  # fmt: skip
+
+
+def unpack_user(raw: bytes, n_items: int) -> UserRecord:
+    """Decode and check a record: lengths, titles within the catalogue, reasons within the history."""
+    if len(raw) < _USER_HEADER.size:
+        raise CorruptUser(f"record of {len(raw)} bytes is shorter than its header")
+    magic, n_history, n_candidates, reasons = _USER_HEADER.unpack_from(raw)
+    if magic != USER_MAGIC:
+        raise CorruptUser(f"record starts with {magic!r}, not {USER_MAGIC!r}")
+    expected = _USER_HEADER.size + 8 * n_history + (8 + reasons) * n_candidates
+    if len(raw) != expected:
+        raise CorruptUser(f"record is {len(raw)} bytes, its header says {expected}")
+    at = _USER_HEADER.size
+    items = np.frombuffer(raw, "<i4", n_history, at)
+    weights = np.frombuffer(raw, "<f4", n_history, at + 4 * n_history)
+    at += 8 * n_history
+    candidates = np.frombuffer(raw, "<i4", n_candidates, at)
+    scores = np.frombuffer(raw, "<f4", n_candidates, at + 4 * n_candidates)
+    because = np.frombuffer(raw, np.uint8, n_candidates * reasons, at + 8 * n_candidates).reshape(n_candidates, reasons)
+    for name, titles in (("history", items), ("candidate", candidates)):
+        if len(titles) and (titles.min() < 0 or titles.max() >= n_items):
+            raise CorruptUser(f"{name} title outside the catalogue of {n_items}")
+    if because.size and ((because >= n_history) & (because != NO_REASON)).any():
+        raise CorruptUser("a reason points past the history")
+    if not (np.isfinite(weights).all() and np.isfinite(scores).all()):
+        raise CorruptUser("a weight or score is not finite")
+    return UserRecord(items, weights, candidates, scores, because)
+
+
+def user_key(secret: bytes, user_id: str) -> bytes:
+    """The keyed hash naming a user's record (the version's own random ``user_store.key``)."""
+    return hashlib.blake2b(user_id.encode(), key=secret, digest_size=USER_KEY_BYTES).digest()
+
+
+def user_bucket(field: bytes, buckets: int) -> int:
+    return int.from_bytes(field[:8], "little") % buckets
+
+
+def new_user_store(users: int) -> dict:
+    """The ``user_store`` metadata of a version about to write ``users`` records (a fresh random key)."""
+    return {"key": secrets.token_hex(16), "buckets": max(1, -(-users // USERS_PER_BUCKET)), "users": users}
+
+
+def user_records(parts: dict[str, bytes]):
+    """(user id, record) of every user in a version's per-user parts, in user order."""
+    ids = orjson.loads(parts["users.json"])
+    arrays = {name: np.load(io.BytesIO(parts[name])) for name in RECORD_PARTS if name in parts}
+    indptr, items, weights = arrays["history_indptr.npy"], arrays["history_items.npy"], arrays["history_weights.npy"]
+    candidates, scores = arrays["candidates.npy"], arrays["candidate_scores.npy"]
+    because = arrays.get("candidate_because.npy")
+    if because is None or because.dtype != np.uint8:  # no positions to store: the service explains live
+        because = np.zeros((*candidates.shape, 0), np.uint8)
+    for row, user_id in enumerate(ids):
+        start, end = indptr[row], indptr[row + 1]
+        yield str(user_id), pack_user(items[start:end], weights[start:end], candidates[row], scores[row], because[row])
+
+
+def required_parts(meta: dict) -> tuple[str, ...]:
+    return (*ITEM_PARTS, "users.json") if meta.get("user_store") else REQUIRED_PARTS
 
 
 class ModelError(RuntimeError):
@@ -159,6 +272,9 @@ class Keys:
 
     def part(self, version: str, name: str, chunk: int) -> str:
         return f"{self.prefix}:version:{version}:part:{name}:{chunk}"
+
+    def user_bucket(self, version: str, bucket: int) -> str:
+        return f"{self.prefix}:version:{version}:users:{bucket}"
 
     # Keys used by later features (runs, lock, live events) are defined here too.
     @property
@@ -264,7 +380,7 @@ class ModelStore:
     # -- writing -----------------------------------------------------------------
     def write_version(self, parts: dict[str, bytes], meta: dict, version: str | None = None) -> str:
         """Store every part and then the metadata; does not touch the live pointer."""
-        missing = [name for name in REQUIRED_PARTS if name not in parts]
+        missing = [name for name in required_parts(meta) if name not in parts]
         if missing:
             raise ModelError(f"refusing to write an incomplete version: missing {', '.join(missing)}")
         version = version or new_version_id()
@@ -292,9 +408,88 @@ class ModelStore:
         pipe.execute()
         return version
 
-    def publish(self, parts: dict[str, bytes], meta: dict, activate: bool = True, keep: int = DEFAULT_KEEP) -> str:
-        """Write a complete version, then (optionally) switch the live pointer to it."""
-        version = self.write_version(parts, meta)
+    def write_users(self, version: str, store: dict, records) -> dict:
+        """Write per-user records (``(user_id, pack_user bytes)`` pairs) of ``version``, pipelined; returns
+        {"users", "bytes", "seconds"}. Idempotent: a record written twice (a retried task) is the same field."""
+        started = time.perf_counter()
+        secret, buckets = bytes.fromhex(store["key"]), int(store["buckets"])
+        written = size = 0
+        batch: dict[int, dict[bytes, bytes]] = {}
+        pending = 0
+
+        def flush() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for bucket, fields in batch.items():
+                pipe.hset(self.keys.user_bucket(version, bucket), mapping=fields)
+            pipe.execute()
+            batch.clear()
+
+        for user_id, record in records:
+            field = user_key(secret, user_id)
+            batch.setdefault(user_bucket(field, buckets), {})[field] = record
+            written, size, pending = written + 1, size + len(record), pending + 1
+            if pending >= USER_WRITE_BATCH:
+                flush()
+                pending = 0
+        if batch:
+            flush()
+        return {"users": written, "bytes": size, "seconds": time.perf_counter() - started}
+
+    def read_user(self, version: str, store: dict, user_id: str) -> bytes | None:
+        """One user's stored record (None: not in this version); one HGET."""
+        return self.redis.hget(*self.user_address(version, store, user_id))
+
+    def user_address(self, version: str, store: dict, user_id: str) -> tuple[str, bytes]:
+        """(bucket key, field) of a user's record: for callers that pipeline the read with others."""
+        field = user_key(bytes.fromhex(store["key"]), user_id)
+        return self.keys.user_bucket(version, user_bucket(field, int(store["buckets"]))), field
+
+    def copy_users(self, source: str, target: str, store: dict) -> None:
+        """Every user record of ``source`` under ``target`` too (bucket by bucket: works across cluster slots)."""
+        buckets = range(int(store["buckets"]))
+        for start in range(0, len(buckets), 64):
+            pipe = self.redis.pipeline(transaction=False)
+            for b in buckets[start : start + 64]:
+                pipe.hgetall(self.keys.user_bucket(source, b))
+            found = pipe.execute()
+            pipe = self.redis.pipeline(transaction=False)
+            for b, fields in zip(buckets[start : start + 64], found):
+                if fields:
+                    pipe.hset(self.keys.user_bucket(target, b), mapping=fields)
+            pipe.execute()
+
+    def user_buckets(self, version: str, store: dict) -> list[str]:
+        return [self.keys.user_bucket(version, b) for b in range(int(store["buckets"]))]
+
+    def count_users(self, version: str, store: dict) -> int:
+        """Records stored for ``version`` (HLEN of every bucket, pipelined)."""
+        total = 0
+        keys = self.user_buckets(version, store)
+        for start in range(0, len(keys), 10_000):
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys[start : start + 10_000]:
+                pipe.hlen(key)
+            total += sum(pipe.execute())
+        return total
+
+    def publish(
+        self, parts: dict[str, bytes], meta: dict, activate: bool = True, keep: int = DEFAULT_KEEP,
+        version: str | None = None, per_user: bool = True,
+    ) -> str:
+        """Write a complete version, then (optionally) switch the live pointer to it.
+
+        Per-user parts are stored as one record per user (``per_user``; False keeps them as parts, as
+        versions before records were): written first, under the version's id, so the switch stays
+        one pointer move. An engine that wrote the records itself (``meta["user_store"]``, the
+        Spark executors) passes only the item side. :meth:`verify` counts the records before a switch.
+        """
+        if per_user and not meta.get("user_store") and all(name in parts for name in USER_PARTS):
+            version = version or new_version_id()
+            info = new_user_store(len(orjson.loads(parts["users.json"])))
+            info.update(self.write_users(version, info, user_records(parts)))
+            meta = {**meta, "user_store": info}
+            parts = {name: blob for name, blob in parts.items() if name not in RECORD_PARTS}
+        version = self.write_version(parts, meta, version)
         if activate:
             self.activate(version)
         self.prune(keep)
@@ -338,16 +533,17 @@ class ModelStore:
         return dropped
 
     def drop_orphan_parts(self, older_than: float = 3600.0) -> list[str]:
-        """Delete the parts of versions that never got metadata (a publish killed half-way).
+        """Delete the parts and user records of versions that never got metadata (a publish killed half-way).
 
         Only versions whose id says they were created more than ``older_than``
         seconds ago: a younger one may be a publish still in progress.
         """
         head = f"{self.keys.prefix}:version:"
         found: dict[str, list[bytes]] = {}
-        for key in self.redis.scan_iter(match=f"{head}*:part:*", count=1000):
-            version = key.decode()[len(head) :].split(":part:")[0]
-            found.setdefault(version, []).append(key)
+        for key in self.redis.scan_iter(match=f"{head}*", count=1000):
+            version, _, rest = key.decode()[len(head) :].partition(":")
+            if rest.startswith(("part:", "users:")):
+                found.setdefault(version, []).append(key)
         dropped = []
         for version, keys in found.items():
             try:
@@ -356,7 +552,8 @@ class ModelStore:
                 continue
             if time.time() - created < older_than or self.redis.exists(self.keys.meta(version)):
                 continue
-            self.redis.delete(*keys)
+            for start in range(0, len(keys), 1000):
+                self.redis.unlink(*keys[start : start + 1000])
             dropped.append(version)
         return dropped
 
@@ -369,12 +566,13 @@ class ModelStore:
         if meta:
             for name, info in meta.get("parts", {}).items():
                 keys.extend(self.keys.part(version, name, n) for n in range(info["chunks"]))
+            if meta.get("user_store"):
+                keys.extend(self.user_buckets(version, meta["user_store"]))
         else:
-            keys.extend(self.redis.scan_iter(match=f"{self.keys.prefix}:version:{version}:part:*", count=1000))
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(self.keys.versions, version)
-        pipe.delete(*keys)
-        pipe.execute()
+            keys.extend(self.redis.scan_iter(match=f"{self.keys.prefix}:version:{version}:*", count=1000))
+        self.redis.zrem(self.keys.versions, version)  # first: a version being deleted is no longer listed
+        for start in range(0, len(keys), 1000):
+            self.redis.unlink(*keys[start : start + 1000])
 
     def experiment_versions(self) -> set[str]:
         """Versions the running experiment's arms serve (none when no experiment runs or its record is unreadable)."""
@@ -423,7 +621,7 @@ class ModelStore:
     def verify(self, version: str, meta: dict) -> None:
         """Cheap completeness check (every chunk present) before activating."""
         parts = meta.get("parts", {})
-        missing = [n for n in REQUIRED_PARTS if n not in parts]
+        missing = [n for n in required_parts(meta) if n not in parts]
         if missing:
             raise ModelError(f"version {version} lacks part(s) {', '.join(missing)}")
         keys = [self.keys.part(version, name, n) for name, info in parts.items() for n in range(info["chunks"])]
@@ -432,6 +630,11 @@ class ModelStore:
             raise ModelError(f"version {version} is incomplete: {len(keys) - present} part chunk(s) missing")
         if checksum(parts) != meta.get("checksum"):
             raise ModelError(f"version {version} has a wrong checksum")
+        store = meta.get("user_store")
+        if store:
+            found = self.count_users(version, store)
+            if found != store["users"]:
+                raise ModelError(f"version {version} is incomplete: {found} of {store['users']} user records stored")
 
     def fetch_part(self, version: str, name: str, info: dict) -> bytes:
         chunks = self.redis.mget([self.keys.part(version, name, n) for n in range(info["chunks"])])
@@ -459,7 +662,7 @@ class ModelStore:
             shutil.rmtree(target, ignore_errors=True)
         if checksum(meta.get("parts", {})) != meta.get("checksum"):
             raise ModelError(f"version {version} has a wrong checksum")
-        missing = [n for n in REQUIRED_PARTS if n not in meta.get("parts", {})]
+        missing = [n for n in required_parts(meta) if n not in meta.get("parts", {})]
         if missing:
             raise ModelError(f"version {version} lacks part(s) {', '.join(missing)}")
         cache_dir.mkdir(parents=True, exist_ok=True)

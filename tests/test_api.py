@@ -173,3 +173,28 @@ def test_corrupt_version_is_refused_and_previous_keeps_serving(client, store, tr
     assert bad in live.refused
     assert client.get("/version").get_json()["model_version"] == good
     assert client.get(f"/recommend?user={model_of(client).user_ids[0]}").status_code == 200
+
+
+def test_a_request_reads_its_user_from_redis_in_one_round_trip(client, published, store, monkeypatch):
+    """The user's record and fresh overlay come in one pipeline; the worker holds no per-user data."""
+    import redis
+
+    model = model_of(client)
+    assert model.user_store is not None and model.user_index == {} and model.candidates is None
+    user = model.user_ids[5]
+    client.get(f"/page?user={model.user_ids[6]}")  # opens the connection, caches trending and promotions: not per request
+    sent = []
+    original = redis.connection.Connection.send_packed_command
+    monkeypatch.setattr(
+        redis.connection.Connection, "send_packed_command", lambda self, *a, **k: (sent.append(a), original(self, *a, **k))[1]
+    )
+    for path in (f"/recommend?user={user}", f"/page?user={user}", f"/recommend?user={user}&genre=Drama&exclude=t1"):
+        sent.clear()
+        body = client.get(path).get_json()
+        assert body.get("strategy", "personalized") == "personalized", body
+        assert len(sent) == 1, (path, sent)  # HGET record + HGET overlay, pipelined
+        assert b":users:" in b"".join(sent[0][0])  # the record's HGET (with the overlay's, unless known empty)
+    # A user unknown to the version is a popular answer, from the same single read.
+    sent.clear()
+    assert client.get("/recommend?user=nobody-here").get_json()["strategy"] == "popular"
+    assert len(sent) == 1

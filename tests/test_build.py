@@ -190,7 +190,7 @@ def test_published_because_positions_name_the_titles_a_live_request_would(traine
         items, _ = recommender.history(recommender.user_ids[user])
         keep = [i for i, c in enumerate(candidates[n].tolist()) if c >= 0]
         live = recommender.because([int(candidates[n, i]) for i in keep], items)
-        assert recommender.candidate_reasons(user, keep) == live
+        assert recommender.candidate_reasons(recommender.user(recommender.user_ids[user]), keep) == live
         assert all(pair for pair in live)  # every candidate of a user with a history has a reason
     recommender.close()
 
@@ -272,10 +272,10 @@ def test_versions_published_before_the_table_and_the_positions_still_serve(train
     assert old.neighbours.cache_info().misses > 0
     user = next(u for u in range(len(new.user_ids)) if len(new.history(new.user_ids[u])[0]) >= 3)
     keep = list(range(5))
-    titles = new.candidate_reasons(user, keep)
+    titles = new.candidate_reasons(new.user(new.user_ids[user]), keep)
     as_titles = np.full(new.candidate_because.shape, -1, dtype=np.int32)  # the old layout: title ids, -1 = none
     as_titles[user, : len(keep), :] = [pair + [-1] * (2 - len(pair)) for pair in titles]
     new.candidate_because = as_titles
-    assert new.candidate_reasons(user, keep) == titles
+    assert new.candidate_reasons(new.user(new.user_ids[user]), keep) == titles
     old.close()
     new.close()

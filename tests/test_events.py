@@ -15,7 +15,7 @@ from app import create_app
 from jobs.nightly import NightlyConfig, run_nightly
 from models.embeddings import ModelParams
 from models.live_events import FRESH_MAX_BYTES, EventLog, fresh_overlay, parse_stream_id
-from models.recommender import Recommender
+from models.recommender import open_version
 
 FAST = ModelParams(n_trees=5, iterations=5, content_steps=30, factors=16, candidates=20)
 
@@ -252,7 +252,7 @@ def test_overlay_is_capped_per_user(client, store):
 
 # -- exactly once into the nightly job --------------------------------------------------------------
 def history_of(store, version, user, tmp_path):
-    model = Recommender(store.materialize(version, tmp_path / "check"))
+    model = open_version(store, version, tmp_path / "check")
     items, weights = model.history(user)
     return {model.item_ids[i]: float(w) for i, w in zip(items.tolist(), weights.tolist(), strict=True)}
 

@@ -21,7 +21,7 @@ import pytest
 
 from jobs.nightly import run_nightly
 from models.live_events import EventLog
-from models.recommender import Recommender
+from models.recommender import open_version
 from models.store import ModelError
 from tests.conftest import REPO_ROOT
 from tests.helpers import get, nightly_command, post_json, start_gunicorn, stop
@@ -108,6 +108,9 @@ def test_redis_outage_under_gunicorn_load(redis_server, store, trained_demo, tmp
         f"{recovered_at - up_at:.1f}s after restart"
     )
     assert statuses == Counter({200: len(recommend)}), statuses  # not one failed, let alone a 5xx
+    # Users are records in Redis: while it is down they get popular answers, and their own again after.
+    assert Counter(s for t, _, s in recommend if down_at + 0.5 <= t <= up_at)["popular"] > 10
+    assert "personalized" in {s for t, _, s in recommend if t > recovered_at}
     assert sum(during.values()) > 20  # the load really ran through the outage
     assert set(event_statuses) <= {200, 503} and event_statuses[503] > 0 and event_statuses[200] > 0
     assert lost == []
@@ -257,7 +260,7 @@ def test_events_survive_a_redis_restart_and_reach_the_model_exactly_once(
     config = job_config(demo_files, store.keys.prefix)
     meta = run_nightly(config, store=store).meta
     files_only = run_nightly(dataclasses.replace(config, publish=False, live_events=False)).meta
-    model = Recommender(store.materialize(meta["model_version"], tmp_path / "check"))
+    model = open_version(store, meta["model_version"], tmp_path / "check")
     alpha, eps = config.params.alpha, config.params.eps
     single = 1.0 + alpha * np.log1p(1.0 / eps)  # one full, newest viewing (models.embeddings.confidence_matrix)
     lost = doubled = 0

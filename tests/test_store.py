@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from models.recommender import Recommender
-from models.store import ModelError
+from models.build import open_parts
+from models.recommender import open_version
+from models.store import RECORD_PARTS, CorruptUser, ModelError, unpack_user
 
 
 def test_round_trip_through_redis(store, trained_demo, tmp_path):
@@ -13,13 +15,76 @@ def test_round_trip_through_redis(store, trained_demo, tmp_path):
     assert store.live_version() == version
     folder = store.materialize(version, tmp_path)
     for name, blob in trained_demo.parts.items():
-        assert (folder / name).read_bytes() == blob
-    model = Recommender(folder)
+        if name in RECORD_PARTS:  # per-user data: records in Redis, not files on the host
+            assert not (folder / name).exists()
+        else:
+            assert (folder / name).read_bytes() == blob
+    model = open_version(store, version, tmp_path)
     assert model.version == version
     assert model.rec_index.get_n_items() == trained_demo.meta["counts"]["titles"]
     user = model.user_ids[0]
     strategy, recs = model.recommend(user, 5)
     assert strategy == "personalized" and len(recs) == 5
+
+
+def test_user_records_hold_exactly_the_per_user_parts(store, trained_demo, tmp_path):
+    version = store.publish(trained_demo.parts, trained_demo.meta)
+    info = store.meta(version)["user_store"]
+    parts_model = open_parts(trained_demo.parts, trained_demo.meta, tmp_path / "parts")
+    assert info["users"] == len(parts_model.user_ids) == store.count_users(version, info)
+    assert info["bytes"] > 0 and info["seconds"] >= 0
+    served = open_version(store, version, tmp_path / "cache")
+    assert served.user_index == {} and served.hist_items is None  # nothing per user in the worker
+    for user in parts_model.user_ids[::7]:
+        want, got = parts_model.user(user), served.user(user)
+        np.testing.assert_array_equal(got.items, want.items)
+        np.testing.assert_array_equal(got.weights, want.weights)
+        valid = want.candidates >= 0
+        np.testing.assert_array_equal(got.candidates, want.candidates[valid])
+        np.testing.assert_array_equal(got.scores, want.scores[valid])
+        np.testing.assert_array_equal(got.because, want.because[valid])
+        assert served.recommend(user, 10) == parts_model.recommend(user, 10)
+    assert served.user("nobody-at-all") is None
+    # Bucket keys only: no user id in any key name.
+    names = [k.decode() for k in store.redis.scan_iter(match=f"test:version:{version}:users:*")]
+    assert len(names) == info["buckets"] and not any(u in n for n in names for u in parts_model.user_ids[:50])
+
+
+def test_versions_with_per_user_parts_still_serve(store, trained_demo, tmp_path):
+    version = store.publish(trained_demo.parts, trained_demo.meta, per_user=False)  # as before user records
+    assert "user_store" not in store.meta(version)
+    model = open_version(store, version, tmp_path)
+    assert model.user_store is None and len(model.user_index) == len(model.user_ids)
+    assert model.recommend(model.user_ids[0], 5)[0] == "personalized"
+
+
+def test_pruning_removes_a_versions_user_records(store, trained_demo):
+    first = store.publish(trained_demo.parts, {**trained_demo.meta, "created_at": 1.0})
+    info = store.meta(first)["user_store"]
+    for n in range(2):
+        store.publish(trained_demo.parts, {**trained_demo.meta, "created_at": 2.0 + n}, keep=2)
+    assert first not in {m["model_version"] for m in store.versions()}
+    assert not any(store.redis.exists(k) for k in store.user_buckets(first, info))
+
+
+def test_missing_or_corrupt_user_records(store, trained_demo, tmp_path):
+    good = store.publish(trained_demo.parts, trained_demo.meta)
+    second = store.publish(trained_demo.parts, trained_demo.meta, activate=False)
+    info = store.meta(second)["user_store"]
+    store.redis.delete(store.user_buckets(second, info)[0])  # a lost bucket: the version is incomplete
+    with pytest.raises(ModelError, match="user records"):
+        store.activate(second)
+    assert store.live_version() == good
+    model = open_version(store, good, tmp_path)
+    user = model.user_ids[3]
+    key, field = store.user_address(good, model.user_store, user)
+    raw = store.redis.hget(key, field)
+    for bad in (raw[:-3], b"XX" + raw[2:], raw[:7] + np.full(len(raw) - 7, 255, np.uint8).tobytes()):
+        store.redis.hset(key, field, bad)
+        assert model.user(user) is None  # counted as unknown, not a crash
+        assert model.recommend(user, 5)[0] == "popular"
+    with pytest.raises(CorruptUser):
+        unpack_user(raw[:-1], model.n_items)
 
 
 def test_pointer_moves_only_on_activate_and_rollback_works(store, trained_demo):

@@ -394,7 +394,7 @@ def user_page():
         max_maturity=filters.max_maturity,
         regions=sorted(model.rules.region_masks),
         maturity_ages=MATURITY_AGES,
-        known=user_id in model.user_index,
+        known=model.user(user_id) is not None,
         strategy=strategy,
         history=history,
         history_total=len(items),
