@@ -76,7 +76,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 60  # loading a cached dump takes a few seconds
+        deadline = time.monotonic() + 600  # loading a cached dump: seconds, a minute or more for GBs
         while True:
             try:
                 if client.ping():
@@ -92,7 +92,7 @@ class RedisServer:
         """Snapshot the dataset (SAVE) and copy the RDB file to ``target``."""
         import redis
 
-        redis.Redis(port=self.port).save()
+        redis.Redis(port=self.port, socket_timeout=1800, socket_connect_timeout=60).save()  # GBs: minutes
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.directory / "dump.rdb", str(target) + ".partial")
         os.replace(str(target) + ".partial", target)

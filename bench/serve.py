@@ -83,6 +83,7 @@ def publish_model(args, redis_dir: Path) -> Path:
     data = demo_data(args.users, args.items, args.events, args.seed)
     digest = source_digest(["models", "jobs/nightly.py"])
     key = f"serve-u{args.users}-i{args.items}-e{args.events}-s{args.seed}-{'noeval' if args.no_eval else 'eval'}"
+    key += "-userparts" if args.user_parts else ""
     cached = CACHE_ROOT / f"{key}-{digest}" / "dump.rdb"
     if args.reuse_model and not cached.is_file():  # any model code version will do
         older = sorted(CACHE_ROOT.glob(f"{key}-*/dump.rdb"), key=lambda p: p.stat().st_mtime)
@@ -94,6 +95,8 @@ def publish_model(args, redis_dir: Path) -> Path:
         cmd = [sys.executable, "-m", "jobs.nightly", "--events", str(data["events"]), "--catalog", str(data["catalog"]), "--quiet"]
         if args.no_eval:
             cmd.append("--no-eval")
+        if args.user_parts:
+            cmd.append("--user-parts")
         print(f"model: running the nightly job ({' '.join(cmd[1:4])} ...)", flush=True)
         # No synopsis embeddings: 100k titles would cost ~17 minutes of encoding on a first run, and this
         # benchmark measures the recommendation endpoints (bench/search.py measures search).
@@ -329,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="publish with --no-eval (faster first run)")
     parser.add_argument("--rebuild", action="store_true", help="ignore the cached model and rerun the nightly job")
     parser.add_argument("--reuse-model", action="store_true", help="use the newest cached model even if the model code changed since")
+    parser.add_argument("--user-parts", action="store_true", help="publish per-user parts (mapped by every worker), "
+                        "not Redis records: the layout before issue 16, as a baseline")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured wrk run")
     parser.add_argument("--rounds", type=int, default=4, help="alternating healthz/recommend rounds per variant")
     parser.add_argument("--warmup", type=float, default=3.0)

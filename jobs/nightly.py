@@ -71,6 +71,8 @@ class NightlyConfig:
     live_events: bool = True  # also train on the events stream (POST /events), see models.live_events
     events_archive: str | None = os.environ.get("EVENTS_ARCHIVE") or None  # compacted stream entries (a folder)
     activate: bool = True  # False: publish without moving the live pointer (jobs.runs applies the quality gate)
+    # True: each user's data is a record in Redis (models.store.pack_user); False: per-user parts, mapped on every host
+    user_records: bool = os.environ.get("USER_RECORDS", "1") != "0"
     # Used by the recorded path (jobs.runs): who started the run, its id, and the quality gate.
     trigger: str = "cli"
     run_id: str | None = None
@@ -249,7 +251,7 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     if config.publish:
         report("publish", 0, 1)
         started = time.perf_counter()
-        version = store.publish(parts, meta, activate=config.activate, keep=config.keep)
+        version = store.publish(parts, meta, activate=config.activate, keep=config.keep, per_user=config.user_records)
         timings["publish"] = time.perf_counter() - started
         meta["model_version"] = version
         if config.activate:
@@ -405,6 +407,10 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
     parser.add_argument("--no-select", action="store_true", help="skip hyperparameter selection; use the given parameters")
     parser.add_argument("--selection-budget", type=float, default=None, help="seconds for selection (default grows with the data)")
     parser.add_argument("--dry-run", action="store_true", help="do everything except publishing")
+    parser.add_argument(
+        "--user-parts", action="store_true",
+        help="publish per-user data as parts every web host maps (env USER_RECORDS=0), not as records in Redis",
+    )  # fmt: skip
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions kept in Redis for rollback")
     parser.add_argument("--max-rejected-share", type=float, default=DEFAULT_MAX_REJECTED_SHARE, help="fail if more than this share of rows break the contract")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
@@ -438,6 +444,7 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
         holdout=args.holdout,
         publish=not args.dry_run,
         keep=args.keep,
+        user_records=not args.user_parts and NightlyConfig.user_records,
         max_rejected_share=args.max_rejected_share,
         params=ModelParams(**overrides),
         show_progress=not args.quiet,
