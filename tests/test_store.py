@@ -123,3 +123,11 @@ def test_prune_keeps_the_newest_and_the_live_one(store, trained_demo):
     kept = [m["model_version"] for m in store.versions()]
     assert live in kept and len(kept) == 3 and len(dropped) == 2
     assert not store.redis.keys(f"test:version:{dropped[0]}:*")
+
+
+def test_the_job_publishes_user_records_unless_told_to_keep_parts():
+    from jobs.nightly import parse_args
+
+    base = ["--events", "e.csv", "--catalog", "c.csv"]
+    assert parse_args(base).user_records is True
+    assert parse_args([*base, "--user-parts"]).user_records is False
