@@ -273,4 +273,6 @@ def readyz():
 def version():
     model = serving_model()
     meta = {k: v for k, v in model.meta.items() if k not in ("parts", "inputs")}
+    if "user_store" in meta:  # its key names the users' records: not for callers
+        meta["user_store"] = {k: v for k, v in meta["user_store"].items() if k != "key"}
     return json_response(meta)

@@ -198,3 +198,6 @@ def test_a_request_reads_its_user_from_redis_in_one_round_trip(client, published
     sent.clear()
     assert client.get("/recommend?user=nobody-here").get_json()["strategy"] == "popular"
     assert len(sent) == 1
+    # /version says where the users are, never the key that names their records.
+    shown = client.get("/version").get_json()["user_store"]
+    assert shown["users"] == len(model.user_ids) and "key" not in shown
