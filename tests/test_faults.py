@@ -219,7 +219,8 @@ def test_sigkill_during_publish_leaves_the_old_version_live(redis_server, store,
     assert store.live_version() == old
     assert [m["model_version"] for m in store.versions()] == [old]
     assert store.meta_or_none(half_version) is None
-    # Its orphaned parts are left alone while they may still be an upload in progress, then removed.
+    assert store.redis.keys(f"{store.keys.prefix}:version:{half_version}:users:*")  # its user records came first
+    # Its orphaned parts and records are left alone while they may still be an upload in progress, then removed.
     assert store.drop_orphan_parts() == []
     assert store.drop_orphan_parts(older_than=0) == [half_version]
     assert not store.redis.keys(f"{store.keys.prefix}:version:{half_version}:*")
