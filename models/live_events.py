@@ -127,7 +127,8 @@ class EventLog:
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
     def fresh_raw(self, user_id: str) -> bytes | None:
-        """The user's overlay as stored: one HGET (the only Redis call on the request path)."""
+        """The user's overlay as stored: one HGET (the request path pipelines the same HGET with the
+        user's record, app.live_model)."""
         return self.redis.hget(self.keys.fresh_history, user_id)
 
     # -- the nightly job -----------------------------------------------------------------

@@ -167,7 +167,7 @@ def unpack_user(raw: bytes, n_items: int) -> UserRecord:
         raise CorruptUser("a reason points past the history")
     if not (np.isfinite(weights).all() and np.isfinite(scores).all()):
         raise CorruptUser("a weight or score is not finite")
-    return UserRecord(items, weights, candidates, scores, because)
+    return UserRecord(items, weights, candidates, scores, because if reasons else None)  # None: explained live
 
 
 def user_key(secret: bytes, user_id: str) -> bytes:

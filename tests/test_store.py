@@ -7,7 +7,7 @@ import pytest
 
 from models.build import open_parts
 from models.recommender import open_version
-from models.store import RECORD_PARTS, CorruptUser, ModelError, unpack_user
+from models.store import RECORD_PARTS, CorruptUser, ModelError, pack_user, unpack_user
 
 
 def test_round_trip_through_redis(store, trained_demo, tmp_path):
@@ -131,3 +131,12 @@ def test_the_job_publishes_user_records_unless_told_to_keep_parts():
     base = ["--events", "e.csv", "--catalog", "c.csv"]
     assert parse_args(base).user_records is True
     assert parse_args([*base, "--user-parts"]).user_records is False
+
+
+def test_a_record_without_stored_reasons_is_explained_live():
+    items, weights = np.array([3, 1], np.int32), np.array([2.0, 1.0], np.float32)
+    candidates, scores = np.array([5, 7, -1], np.int32), np.array([0.9, 0.5, 0.0], np.float32)
+    record = unpack_user(pack_user(items, weights, candidates, scores, np.zeros((3, 0), np.uint8)), 10)
+    assert record.because is None and record.candidates.tolist() == [5, 7]
+    record = unpack_user(pack_user(items, weights, candidates, scores, np.array([[0, 255], [1, 0], [255, 255]], np.uint8)), 10)
+    assert record.because.tolist() == [[0, 255], [1, 0]]
