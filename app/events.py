@@ -24,8 +24,8 @@ from redis.retry import Retry
 
 from app.errors import ApiError, json_response, retry_later
 from models.data import validate_event_records
-from models.live_events import EventLog
-from models.store import Keys, redis_from_url
+from models.live_events import EventLayoutError, EventLog
+from models.store import ModelStore, redis_from_url
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ def init_events(app: Flask) -> None:
     before a Redis restart): a write that timed out may have been applied,
     and retrying it could store the batch twice.
     """
-    keys = Keys(app.config["REDIS_PREFIX"])
     writer = redis_from_url(
         app.config["REDIS_URL"],
         socket_timeout=5.0,
@@ -54,6 +53,7 @@ def init_events(app: Flask) -> None:
         socket_connect_timeout=READ_TIMEOUT_SECONDS,
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )
+    keys = ModelStore(writer, app.config["REDIS_PREFIX"]).keys  # the layout (cluster tags, shards) of the store
     app.extensions["event_log"] = EventLog(writer, keys)
     raw = app.config.get("EVENTS_TOKEN") or ""
     tokens = [t.strip() for t in (raw or "").split(",") if t.strip()]
@@ -151,6 +151,9 @@ def post_events():
         return retry_later("the event store did not confirm in time; the events may not be stored: retry", 1)
     except redis.OutOfMemoryError:
         raise  # 503 with Retry-After (app.errors): full, not down
+    except EventLayoutError as exc:
+        log.error("events refused: %s", exc)
+        return retry_later(f"the event store is misconfigured; nothing was stored: {exc}", 60)
     except redis.RedisError as exc:
         log.warning("events store unavailable: %s", exc)
         return retry_later("the event store (Redis) is unavailable; nothing was stored: retry later", 1)

@@ -103,7 +103,7 @@ class LiveModel:
         raw_user, raw_fresh = self._read(model, user_id, want_user, want_fresh)
         if want_user and memo is not None:
             memo[(model.version, user_id)] = model.decode_user(raw_user)
-        return fresh_overlay(model, raw_fresh) if raw_fresh is not None else (None, None)
+        return fresh_overlay(model, raw_fresh, self.store.keys.event_shard(user_id)) if raw_fresh is not None else (None, None)
 
     def user_record(self, model: Recommender, user_id: str):
         """``model.read_user`` of a version whose users are records in Redis: the request's copy if
@@ -125,7 +125,8 @@ class LiveModel:
         if want_user:
             pipe.hget(*self.store.user_address(model.version, model.user_store, user_id))
         if want_fresh:
-            pipe.hget(self.store.keys.fresh_history, user_id)
+            keys = self.store.keys
+            pipe.hget(keys.fresh_of(keys.event_shard(user_id)), user_id)
         try:
             found = pipe.execute()
         except redis.RedisError as exc:
@@ -331,8 +332,7 @@ class LiveModel:
 
     def _sync_fresh_users(self) -> None:
         """Who has fresh history at all; after this, notices keep the set current."""
-        names = self.store.redis.hkeys(self.store.keys.fresh_history)
-        self.fresh_users = {name.decode() for name in names}
+        self.fresh_users = EventLog(self.store.redis, self.store.keys).fresh_users()
 
     def _listen(self) -> None:
         """Wake the watcher as soon as a publish is announced (the poll stays as a fallback),

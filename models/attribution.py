@@ -270,7 +270,7 @@ class OnlineLog:
         self._attribute = client.register_script(_ATTRIBUTE)
 
     def _head(self, running: str | None) -> list:
-        return [self.keys.prefix, ATTRIBUTION_WINDOW, RETENTION_DAYS * 86400, running or ""]
+        return [self.keys.tag, ATTRIBUTION_WINDOW, RETENTION_DAYS * 86400, running or ""]
 
     def record(self, impressions: list[tuple[Impression, Origin]], running: str | None) -> int:
         """Store verified impressions (stream, per-user shown titles, counters) in one atomic step."""

@@ -152,11 +152,11 @@ def start(
     pipe = store.redis.pipeline(transaction=True)
     pipe.set(store.keys.experiment, blob, nx=True)
     pipe.hset(store.keys.experiments, record["id"], blob)
-    pipe.publish(store.keys.live_channel, "experiment")  # workers pick it up at once (else within a poll)
-    created, *_ = pipe.execute()
+    created, _ = pipe.execute()
     if not created:  # another operator started one in between
         store.redis.hdel(store.keys.experiments, record["id"])
         raise ExperimentError("another experiment was started at the same moment; stop it first")
+    store.redis.publish(store.keys.live_channel, "experiment")  # workers pick it up at once (else within a poll)
     _trim_history(store)
     return Experiment.from_record(record)
 
@@ -178,8 +178,8 @@ def stop(store: ModelStore, status: str = "stopped", promoted: str | None = None
     for arm in running.arms:  # the results stay readable for RESULTS_DAYS after the end, then go
         pipe.expire(store.keys.experiment_users(running.id, arm), RESULTS_DAYS * 86400)
         pipe.expire(store.keys.experiment_sums(running.id, arm), RESULTS_DAYS * 86400)
-    pipe.publish(store.keys.live_channel, "experiment")
     pipe.execute()
+    store.redis.publish(store.keys.live_channel, "experiment")  # after: a cluster transaction cannot hold a PUBLISH
     return record
 
 

@@ -26,8 +26,10 @@ the job runs get ids above the snapshot and wait for the next night.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +41,8 @@ import redis
 from models.data import LiveEvent
 from models.store import Keys
 
+log = logging.getLogger(__name__)
+
 STREAM_START = "0-0"  # "nothing consumed yet"
 FRESH_MAX_BYTES = 16 * 1024  # per user: the newest ~400 events with short ids (~40 bytes a line); bounds the read
 READ_BATCH = 10_000
@@ -49,7 +53,7 @@ _APPEND = """
 local max_bytes = tonumber(ARGV[1])
 local ids = {}
 local users = {}
-for n = 2, #ARGV, 4 do
+for n = 3, #ARGV, 4 do
   local user, item, ts, ws = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
   users[#users + 1] = user
   local id = redis.call('XADD', KEYS[1], '*', 'u', user, 'i', item, 't', ts, 'w', ws)
@@ -65,7 +69,8 @@ for n = 2, #ARGV, 4 do
   ids[#ids + 1] = id
 end
 -- Tell every serving worker which users now have fresh history (see app.live_model).
-redis.call('PUBLISH', KEYS[3], table.concat(users, '\\n'))
+-- (the channel is an argument, not a key: on a cluster it need not share the shard's slot)
+redis.call('PUBLISH', ARGV[2], table.concat(users, '\\n'))
 return ids
 """
 
@@ -101,49 +106,163 @@ def parse_stream_id(stream_id: str | bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def consumed_through(meta: dict | None) -> str:
-    """The last stream id a version's training included (``0-0`` for versions without any)."""
+def consumed_through(meta: dict | None, shard: int = 0) -> str:
+    """The last stream id of ``shard`` a version's training included (``0-0`` for versions without any)."""
     info = (meta or {}).get("live_events") or {}
-    return info.get("consumed_through") or STREAM_START
+    if "shards" in info:
+        return (info["shards"].get(str(shard)) or {}).get("consumed_through") or STREAM_START
+    return (info.get("consumed_through") or STREAM_START) if shard == 0 else STREAM_START
+
+
+# On a cluster, an append is confirmed only once this many replicas have it (WAIT): a master that
+# dies right after answering cannot take an accepted event with it when its replica takes over.
+WAIT_REPLICAS_DEFAULT = {False: 0, True: 1}
+WAIT_MS = int(os.environ.get("EVENTS_WAIT_MS", "1000"))
+
+
+def wait_replicas(cluster: bool) -> int:
+    raw = os.environ.get("EVENTS_WAIT_REPLICAS", "").strip()
+    return int(raw) if raw else WAIT_REPLICAS_DEFAULT[cluster]
+
+
+LONELY_RECHECK_SECONDS = 5.0
+
+
+def replicas_online(client: redis.Redis) -> int:
+    """Replicas connected to the master ``client`` talks to (from ROLE)."""
+    role = client.execute_command("ROLE")
+    return len(role[2]) if role and role[0] in (b"master", "master") else 0
+
+
+class NotReplicated(redis.TimeoutError):
+    """The shard's master stored the events but no replica confirmed them in time (they may be lost)."""
+
+
+class EventLayoutError(RuntimeError):
+    """``EVENT_SHARDS`` differs from the shard count the stored events were written with."""
 
 
 class EventLog:
-    """The stream and the overlay for one key prefix."""
+    """The streams and the overlays for one key prefix (``keys.shards`` of each; one unless sharded)."""
 
     def __init__(self, client: redis.Redis, keys: Keys):
         self.redis = client
         self.keys = keys
+        self.cluster = isinstance(client, redis.RedisCluster)
+        self.replicas = wait_replicas(self.cluster)
+        self._lonely: dict[str, float] = {}  # master -> until when it is taken to have no replica
+        self._layout_checked = False
         self._append = client.register_script(_APPEND)
         self._prune = client.register_script(_PRUNE)
 
+    @property
+    def shards(self) -> range:
+        return range(self.keys.shards)
+
+    def check_layout(self) -> None:
+        """Refuse to write or read events under a shard count other than the stored one: events
+        in streams nobody reads any more would never reach a model. The first writer records it."""
+        if self._layout_checked:
+            return
+        shards = self.keys.shards
+        stored = self.redis.get(self.keys.events_layout)
+        if stored is None:
+            if shards > 1 and self.redis.xlen(f"{self.keys.tag}:events"):
+                stored = b"1"  # events from before the layout was recorded: one stream
+            else:
+                self.redis.set(self.keys.events_layout, shards, nx=True)
+                stored = self.redis.get(self.keys.events_layout)
+        if int(stored) != shards:
+            raise EventLayoutError(
+                f"EVENT_SHARDS is {shards}, but the events in Redis are spread over {int(stored)} shard(s): "
+                f"set EVENT_SHARDS={int(stored)} (changing it needs the job to consume and compact every stream first)"
+            )
+        self._layout_checked = True
+
     # -- the service -------------------------------------------------------------------
     def append(self, events: list[LiveEvent]) -> list[str]:
-        """Store ``events`` durably (stream) and in their users' overlays, atomically. Their stream ids."""
-        args: list = [FRESH_MAX_BYTES]
-        for event in events:
-            seconds = "" if event.watch_seconds is None else repr(float(event.watch_seconds))
-            args += [event.user_id, event.item_id, str(int(event.timestamp)), seconds]
-        ids = self._append(keys=[self.keys.events_stream, self.keys.fresh_history, self.keys.fresh_channel], args=args)
-        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+        """Store ``events`` durably (stream) and in their users' overlays. Their stream ids, in order.
+
+        One atomic script per shard: on one stream (the default) the batch is all or
+        nothing; spread over shards, each shard's part is, and an error part-way
+        leaves the earlier shards' events stored (a retried batch may repeat them).
+        """
+        self.check_layout()
+        groups: dict[int, list[int]] = {}
+        for n, event in enumerate(events):
+            groups.setdefault(self.keys.event_shard(event.user_id), []).append(n)
+        ids: list[str] = [""] * len(events)
+        for shard, members in groups.items():
+            args: list = [FRESH_MAX_BYTES, self.keys.fresh_channel]
+            for n in members:
+                event = events[n]
+                seconds = "" if event.watch_seconds is None else repr(float(event.watch_seconds))
+                args += [event.user_id, event.item_id, str(int(event.timestamp)), seconds]
+            keys = [self.keys.events_stream_of(shard), self.keys.fresh_of(shard)]
+            stored = self._append_on_master(keys, args) if self.cluster else self._append(keys=keys, args=args)
+            for n, stream_id in zip(members, stored):
+                ids[n] = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+        return ids
+
+    def _append_on_master(self, keys: list[str], args: list) -> list:
+        """The script on the master of the shard's slot, then WAIT on the same connection (the only way
+        WAIT covers those writes). A refused slot (MOVED, CLUSTERDOWN, TRYAGAIN: nothing ran) refreshes
+        the slot map and is tried once more; a lost connection is not (the script may have run).
+
+        A master left without any replica (its own died, or it is a replica just promoted by a
+        failover) cannot be waited for: its writes are accepted on its AOF alone, logged, and it is
+        asked again after ``LONELY_RECHECK_SECONDS`` (no WAIT stalls every write in the meantime).
+        """
+        for attempt in (1, 2):
+            try:
+                node = self.redis.get_node_from_key(keys[0])
+                conn = self.redis.get_redis_connection(node)
+                pipe = conn.pipeline(transaction=False)
+                self._append(keys=keys, args=args, client=pipe)
+                wait = self.replicas > 0 and self._lonely.get(node.name, 0.0) <= time.monotonic()
+                if wait:
+                    pipe.execute_command("WAIT", self.replicas, WAIT_MS)
+                found = pipe.execute()
+                if wait and int(found[1]) < self.replicas:
+                    online = replicas_online(conn)
+                    if online:
+                        raise NotReplicated(f"{found[1]} of {self.replicas} replica(s) confirmed the events within {WAIT_MS} ms")
+                    self._lonely[node.name] = time.monotonic() + LONELY_RECHECK_SECONDS
+                    log.warning("Redis master %s has no replica: events are accepted on its AOF alone", node.name)
+                return found[0]
+            except (redis.exceptions.MovedError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError):
+                self.redis.nodes_manager.initialize()
+                if attempt == 2:
+                    raise
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not isinstance(exc, NotReplicated):
+                    self.redis.nodes_manager.initialize()  # a failover: the next request finds the new master
+                raise
+        raise AssertionError("unreachable")
 
     def fresh_raw(self, user_id: str) -> bytes | None:
         """The user's overlay as stored: one HGET (the request path pipelines the same HGET with the
         user's record, app.live_model)."""
-        return self.redis.hget(self.keys.fresh_history, user_id)
+        return self.redis.hget(self.keys.fresh_of(self.keys.event_shard(user_id)), user_id)
+
+    def fresh_users(self) -> set[str]:
+        """Every user with an overlay (HKEYS of each shard's overlay)."""
+        return {name.decode() for shard in self.shards for name in self.redis.hkeys(self.keys.fresh_of(shard))}
 
     # -- the nightly job -----------------------------------------------------------------
-    def snapshot(self) -> str:
-        """Id of the newest stream entry now (``0-0`` if the stream is empty): the job's upper bound."""
-        last = self.redis.xrevrange(self.keys.events_stream, "+", "-", count=1)
+    def snapshot(self, shard: int = 0) -> str:
+        """Id of the newest entry of ``shard``'s stream now (``0-0`` if it is empty): the job's upper bound."""
+        last = self.redis.xrevrange(self.keys.events_stream_of(shard), "+", "-", count=1)
         return last[0][0].decode() if last else STREAM_START
 
-    def read(self, upto: str, after: str = STREAM_START) -> Iterator[tuple[str, LiveEvent]]:
-        """Every stream entry with ``after`` < id <= ``upto``, oldest first, in batches."""
+    def read(self, upto: str, after: str = STREAM_START, shard: int = 0) -> Iterator[tuple[str, LiveEvent]]:
+        """Every entry of ``shard``'s stream with ``after`` < id <= ``upto``, oldest first, in batches."""
         if parse_stream_id(upto) <= parse_stream_id(after):
             return
+        stream = self.keys.events_stream_of(shard)
         start = "-" if parse_stream_id(after) == (0, 0) else "(" + after
         while True:
-            batch = self.redis.xrange(self.keys.events_stream, start, upto, count=READ_BATCH)
+            batch = self.redis.xrange(stream, start, upto, count=READ_BATCH)
             for entry_id, fields in batch:
                 seconds = fields.get(b"w", b"")
                 yield (
@@ -159,21 +278,22 @@ class EventLog:
                 return
             start = "(" + batch[-1][0].decode()
 
-    def export(self, path: str | Path, upto: str, after: str = STREAM_START) -> int:
+    def export(self, path: str | Path, upto: str, after: str = STREAM_START, shard: int = 0) -> int:
         """Write the entries in (``after``, ``upto``] as an events Parquet file for :func:`models.data.load_events`."""
-        events = [event for _, event in self.read(upto, after)]
+        events = [event for _, event in self.read(upto, after, shard)]
         write_events_parquet(path, events)
         return len(events)
 
-    def prune_fresh(self, upto: str, batch: int = 500) -> int:
-        """Remove overlay entries with ids <= ``upto`` (already in the live model). Lines removed."""
+    def prune_fresh(self, upto: str, batch: int = 500, shard: int = 0) -> int:
+        """Remove ``shard``'s overlay entries with ids <= ``upto`` (already in the live model). Lines removed."""
         ms, seq = parse_stream_id(upto)
+        fresh = self.keys.fresh_of(shard)
         removed = 0
         cursor = 0
         while True:
-            cursor, fields = self.redis.hscan(self.keys.fresh_history, cursor, count=batch)
+            cursor, fields = self.redis.hscan(fresh, cursor, count=batch)
             if fields:
-                removed += int(self._prune(keys=[self.keys.fresh_history], args=[ms, seq, *fields.keys()]))
+                removed += int(self._prune(keys=[fresh], args=[ms, seq, *fields.keys()]))
             if cursor == 0:
                 return removed
 
@@ -191,10 +311,10 @@ def write_events_parquet(path: str | Path, events: list[LiveEvent]) -> None:
     pq.write_table(table, path)
 
 
-def fresh_overlay(model, raw: bytes | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+def fresh_overlay(model, raw: bytes | None, shard: int = 0) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(item rows, confidences) of the overlay entries ``model`` has not been trained on.
 
-    Entries at or below the model's ``consumed_through`` are already in its
+    Entries at or below the model's ``consumed_through`` (of the user's ``shard``) are already in its
     history and are skipped; titles the model does not know yet are skipped
     too (the nightly job will place them). Confidence follows the training
     rule (:func:`models.embeddings.event_weights` then
@@ -205,7 +325,7 @@ def fresh_overlay(model, raw: bytes | None) -> tuple[np.ndarray | None, np.ndarr
     """
     if not raw:
         return None, None
-    floor = parse_stream_id(consumed_through(model.meta))
+    floor = parse_stream_id(consumed_through(model.meta, shard))
     params = model.meta.get("params", {})
     alpha, eps = float(params.get("alpha", 2.0)), float(params.get("eps", 1.0))
     minutes = model.items.get("episode_minutes")
@@ -264,33 +384,51 @@ def archived_through(archive_dir: str | Path | None) -> str:
     return f"{ms}-{seq}"
 
 
+def shard_archive(archive_dir: str | Path | None, shards: int, shard: int) -> Path | None:
+    """A shard's archive folder: the archive itself with one stream, ``shard-N`` in it with several."""
+    if not archive_dir:
+        return None
+    return Path(archive_dir) if shards == 1 else Path(archive_dir) / f"shard-{shard}"
+
+
 def take_for_job(store, folder: str | Path, archive_dir: str | Path | None = None) -> tuple[dict, list[Path]]:
-    """The job's share of the live events: the archive's files plus the stream after them, up to now.
+    """The job's share of the live events: the archive's files plus the streams after them, up to now.
 
     Returns the ``live_events`` record for the new version's metadata and the
     files to add to the job's input: every archive file and one Parquet file
     of the stream entries after ``archived_through`` up to the snapshot (none
-    when there are no such entries). An entry is either in the archive or read
+    when there are no such entries), per shard. An entry is either in the archive or read
     from the stream, never both, even if a compaction stopped between writing
-    its archive file and trimming the stream.
+    its archive file and trimming the stream. With one stream the record is
+    ``{stream, consumed_through, events, archived_through}``; with several, the
+    same per shard under ``shards`` (each shard's ids are its own).
     """
     log = EventLog(store.redis, store.keys)
-    upto = log.snapshot()
-    after = archived_through(archive_dir)
-    info = {"stream": store.keys.events_stream, "consumed_through": upto, "events": 0, "archived_through": after}
-    files = archive_files(archive_dir)
-    if parse_stream_id(upto) > parse_stream_id(after):
-        path = Path(folder) / f"stream-after-{after}-upto-{upto}.parquet"
-        info["events"] = log.export(path, upto, after=after)
-        if info["events"]:
-            files.append(path)
-    if parse_stream_id(upto) < parse_stream_id(after):  # the archive is ahead of the stream's newest entry
-        info["consumed_through"] = after
-    return info, files
+    log.check_layout()
+    shards = store.keys.shards
+    files: list[Path] = []
+    per_shard = {}
+    for shard in log.shards:
+        archive = shard_archive(archive_dir, shards, shard)
+        upto = log.snapshot(shard)
+        after = archived_through(archive)
+        info = {"stream": store.keys.events_stream_of(shard), "consumed_through": upto, "events": 0, "archived_through": after}
+        files += archive_files(archive)
+        if parse_stream_id(upto) > parse_stream_id(after):
+            path = Path(folder) / f"stream-{shard}-after-{after}-upto-{upto}.parquet"
+            info["events"] = log.export(path, upto, after=after, shard=shard)
+            if info["events"]:
+                files.append(path)
+        if parse_stream_id(upto) < parse_stream_id(after):  # the archive is ahead of the stream's newest entry
+            info["consumed_through"] = after
+        per_shard[str(shard)] = info
+    if shards == 1:
+        return per_shard["0"], files
+    return {"shards": per_shard, "events": sum(i["events"] for i in per_shard.values())}, files
 
 
-def kept_floor(store) -> tuple[str, list[str]]:
-    """The oldest ``consumed_through`` among kept versions (unreadable ones cannot be served: skipped).
+def kept_floor(store, shard: int = 0) -> tuple[str, list[str]]:
+    """The oldest ``consumed_through`` of ``shard`` among kept versions (unreadable ones cannot be served: skipped).
 
     Entries at or below it are in every version that can be made live, so no
     overlay or stream needs them any more. Returns it and the versions that hold it there.
@@ -299,7 +437,7 @@ def kept_floor(store) -> tuple[str, list[str]]:
     for meta in store.versions():
         if meta.get("status") == "corrupt":
             continue
-        through = consumed_through(meta)
+        through = consumed_through(meta, shard)
         if floor is None or parse_stream_id(through) < parse_stream_id(floor):
             floor, holders = through, [meta["model_version"]]
         elif through == floor:
@@ -310,29 +448,49 @@ def kept_floor(store) -> tuple[str, list[str]]:
 def compact(store, archive_dir: str | Path | None) -> dict:
     """After a new version is live: archive and trim what every kept version has consumed.
 
+    Per shard (one unless ``EVENT_SHARDS`` > 1):
+
     1. ``floor`` = the oldest ``consumed_through`` among kept versions.
     2. With an archive folder: the stream entries after ``archived_through``
        up to ``floor`` are written to ``stream-<first>_<last>.parquet`` (a temp
        file, fsynced, renamed, folder fsynced), and only then trimmed from the
        stream (``XTRIM MINID``). Without one the stream is not trimmed.
     3. Overlay lines at or below ``floor`` are removed (users left empty go).
-    4. Impressions older than the attribution window are archived and trimmed
-       (:func:`models.attribution.compact_impressions`).
+
+    Then impressions older than the attribution window are archived and trimmed
+    (:func:`models.attribution.compact_impressions`).
 
     A crash at any point loses nothing and doubles nothing: the archive's
     newest id says where the stream starts (:func:`take_for_job`).
     """
     log = EventLog(store.redis, store.keys)
-    floor, holders = kept_floor(store)
+    shards = store.keys.shards
+    results = {str(shard): _compact_shard(store, log, shard_archive(archive_dir, shards, shard), shard) for shard in log.shards}
+    if shards == 1:
+        result = results["0"]
+    else:
+        result = {"shards": results, "floor": " ".join(f"{s}:{r['floor']}" for s, r in results.items())}
+        for total in ("archived", "trimmed", "overlay_lines_removed", "stream_length"):
+            result[total] = sum(r[total] for r in results.values())
+    # Impressions: counted when they arrived; trimmed (archived first) once no viewing can be credited to them.
+    from models.attribution import compact_impressions, forget_versions
+
+    result["impressions"] = compact_impressions(store.redis, store.keys, archive_dir)
+    forget_versions(store.redis, store.keys, {meta["model_version"] for meta in store.versions()})
+    return result
+
+
+def _compact_shard(store, log: EventLog, archive: Path | None, shard: int) -> dict:
+    stream = store.keys.events_stream_of(shard)
+    floor, holders = kept_floor(store, shard)
     result = {"floor": floor, "held_by": holders, "archived": 0, "trimmed": 0, "archive_file": None}
-    if archive_dir:
-        archive = Path(archive_dir)
+    if archive:
         archive.mkdir(parents=True, exist_ok=True)
         for stale in archive.glob(".stream-*.tmp"):  # a compaction that died while writing
             stale.unlink(missing_ok=True)
         after = archived_through(archive)
         if parse_stream_id(floor) > parse_stream_id(after):
-            entries = list(log.read(floor, after=after))
+            entries = list(log.read(floor, after=after, shard=shard))
             if entries:
                 first, last = entries[0][0], entries[-1][0]
                 final = archive / f"stream-{first}_{last}.parquet"
@@ -351,12 +509,7 @@ def compact(store, archive_dir: str | Path | None) -> dict:
         if parse_stream_id(through) > (0, 0):
             # Only what the archive holds: never past it, even if the floor is further on.
             bound = min(parse_stream_id(through), parse_stream_id(floor))
-            result["trimmed"] = int(store.redis.xtrim(store.keys.events_stream, minid=stream_id_after(f"{bound[0]}-{bound[1]}"), approximate=False))
-    result["overlay_lines_removed"] = log.prune_fresh(floor)
-    result["stream_length"] = int(store.redis.xlen(store.keys.events_stream))
-    # Impressions: counted when they arrived; trimmed (archived first) once no viewing can be credited to them.
-    from models.attribution import compact_impressions, forget_versions
-
-    result["impressions"] = compact_impressions(store.redis, store.keys, archive_dir)
-    forget_versions(store.redis, store.keys, {meta["model_version"] for meta in store.versions()})
+            result["trimmed"] = int(store.redis.xtrim(stream, minid=stream_id_after(f"{bound[0]}-{bound[1]}"), approximate=False))
+    result["overlay_lines_removed"] = log.prune_fresh(floor, shard=shard)
+    result["stream_length"] = int(store.redis.xlen(stream))
     return result

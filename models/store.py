@@ -30,6 +30,8 @@ Live events (written by ``POST /events``, read by the service and the job; see
 
     {prefix}:events                     -> stream: accepted events (u, i, t, w); trimmed once archived (live_events.compact)
     {prefix}:fresh                      -> hash: user id -> that user's newest stream entries
+    {prefix}:events:layout              -> the number of event shards the stored events use (EVENT_SHARDS)
+    {prefix}:events:{n}, …:{n}:fresh    -> with EVENT_SHARDS > 1, the stream and overlay of shard n instead
 
 Online results and experiments (see :mod:`models.attribution` and :mod:`models.experiments`)::
 
@@ -63,6 +65,7 @@ import shutil
 import struct
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,12 +223,19 @@ def decode_meta(version: str, raw: bytes) -> dict:
     return meta
 
 
-def redis_from_url(url: str | None = None, **kwargs) -> redis.Redis:
-    """The one way to connect: ``REDIS_URL`` (``redis://``, ``rediss://`` with password) or localhost."""
+def redis_from_url(url: str | None = None, cluster: bool | None = None, **kwargs) -> redis.Redis:
+    """The one way to connect: ``REDIS_URL`` (``redis://``, ``rediss://`` with password) or localhost.
+
+    With ``REDIS_CLUSTER=1`` (or ``cluster``) the URL names any node of a Redis
+    Cluster and the client is a :class:`redis.RedisCluster`, which finds the
+    others and follows failovers.
+    """
     url = url or os.environ.get("REDIS_URL", "redis://localhost:6379/0")
     kwargs.setdefault("socket_connect_timeout", 2.0)
     kwargs.setdefault("socket_timeout", 10.0)
     kwargs.setdefault("health_check_interval", 15)
+    if cluster_enabled() if cluster is None else cluster:
+        return redis.RedisCluster.from_url(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
 
 
@@ -244,138 +254,203 @@ def checksum(parts_meta: dict[str, dict]) -> str:
     return digest.hexdigest()
 
 
+def cluster_enabled() -> bool:
+    """``REDIS_CLUSTER=1``: ``REDIS_URL`` names one node of a Redis Cluster."""
+    return os.environ.get("REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_cluster(client) -> bool:
+    return isinstance(client, redis.RedisCluster)
+
+
+def event_shards(cluster: bool) -> int:
+    """``EVENT_SHARDS``: how many streams the live events are spread over (default 1; 16 on a cluster)."""
+    raw = os.environ.get("EVENT_SHARDS", "").strip()
+    if not raw:
+        return 16 if cluster else 1
+    shards = int(raw)
+    if not 1 <= shards <= 1024:
+        raise ValueError(f"EVENT_SHARDS={raw}: use 1 to 1024")
+    return shards
+
+
 @dataclass
 class Keys:
-    """Key names for one prefix; the only place that formats them."""
+    """Key names for one prefix; the only place that formats them.
+
+    On a Redis Cluster (``cluster``) every key a script, transaction or
+    multi-key command touches together carries one hash tag: ``{prefix}``
+    (the pointer, versions, parts, runs, online counters). Two kinds of keys
+    are spread over all slots instead: the per-user record buckets (no tag, so
+    each bucket hashes on its whole name) and the event shards, one tag per
+    shard (``{prefix:events:N}``: its stream and its users' overlay, written by
+    one script). On one node the names are as they always were.
+    """
 
     prefix: str = DEFAULT_PREFIX
+    cluster: bool = False
+    shards: int = 1
+
+    @property
+    def tag(self) -> str:
+        """What every grouped key starts with: the prefix, in braces on a cluster (one slot)."""
+        return f"{{{self.prefix}}}" if self.cluster else self.prefix
+
+    # -- live events: ``shards`` streams, each with the overlay of its users ---------------
+    def event_shard(self, user_id: str) -> int:
+        """The shard of a user's events (and of their overlay): stable, spread evenly."""
+        return 0 if self.shards == 1 else zlib.crc32(user_id.encode()) % self.shards
+
+    def _shard_head(self, shard: int) -> str:
+        if self.shards == 1:
+            return f"{self.tag}:events"
+        return f"{{{self.prefix}:events:{shard}}}" if self.cluster else f"{self.prefix}:events:{shard}"
+
+    def events_stream_of(self, shard: int) -> str:
+        return self._shard_head(shard)
+
+    def fresh_of(self, shard: int) -> str:
+        """hash: user id -> that user's newest entries of ``shard``."""
+        return f"{self.tag}:fresh" if self.shards == 1 else f"{self._shard_head(shard)}:fresh"
+
+    @property
+    def events_layout(self) -> str:
+        """The shard count the stored events were written with (set by the first writer or job)."""
+        return f"{self.tag}:events:layout"
+
+    @property
+    def version_patterns(self) -> list[str]:
+        """SCAN patterns for every key of every version (parts under the tag, user buckets without)."""
+        return sorted({f"{self.tag}:version:*", f"{self.prefix}:version:*"})
 
     @property
     def live(self) -> str:
-        return f"{self.prefix}:live"
+        return f"{self.tag}:live"
 
     @property
     def versions(self) -> str:
-        return f"{self.prefix}:versions"
+        return f"{self.tag}:versions"
 
     @property
     def live_channel(self) -> str:
-        return f"{self.prefix}:channel:live"
+        return f"{self.tag}:channel:live"
 
     @property
     def fresh_channel(self) -> str:
         """pub/sub: user ids (newline-separated) that just got fresh events."""
-        return f"{self.prefix}:channel:fresh"
+        return f"{self.tag}:channel:fresh"
 
     def meta(self, version: str) -> str:
-        return f"{self.prefix}:version:{version}:meta"
+        return f"{self.tag}:version:{version}:meta"
 
     def part(self, version: str, name: str, chunk: int) -> str:
-        return f"{self.prefix}:version:{version}:part:{name}:{chunk}"
+        return f"{self.tag}:version:{version}:part:{name}:{chunk}"
 
     def user_bucket(self, version: str, bucket: int) -> str:
-        return f"{self.prefix}:version:{version}:users:{bucket}"
+        return f"{self.prefix}:version:{version}:users:{bucket}"  # never tagged: buckets spread over all slots
 
     # Keys used by later features (runs, lock, live events) are defined here too.
     @property
     def events_stream(self) -> str:
-        return f"{self.prefix}:events"
+        """The stream of shard 0 (the only one unless ``EVENT_SHARDS`` > 1)."""
+        return self.events_stream_of(0)
 
     @property
     def fresh_history(self) -> str:
-        return f"{self.prefix}:fresh"
+        return self.fresh_of(0)
 
     @property
     def runs(self) -> str:
-        return f"{self.prefix}:runs"
+        return f"{self.tag}:runs"
 
     def run(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}"
+        return f"{self.tag}:run:{run_id}"
 
     @property
     def run_queue(self) -> str:
-        return f"{self.prefix}:runs:queue"
+        return f"{self.tag}:runs:queue"
 
     @property
     def job_lock(self) -> str:
-        return f"{self.prefix}:lock:nightly"
+        return f"{self.tag}:lock:nightly"
 
     @property
     def consumed_events(self) -> str:
-        return f"{self.prefix}:events:consumed"
+        return f"{self.tag}:events:consumed"
 
     # Batch runs (jobs.runs, jobs.scheduler) and their outcome counters (app.metrics).
     def run_log(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}:log"
+        return f"{self.tag}:run:{run_id}:log"
 
     @property
     def job_stats(self) -> str:
-        return f"{self.prefix}:runs:stats"
+        return f"{self.tag}:runs:stats"
 
     @property
     def scheduler(self) -> str:
-        return f"{self.prefix}:scheduler"
+        return f"{self.tag}:scheduler"
 
     @property
     def trending(self) -> str:
         """JSON: the trending titles (models.trending), refreshed hourly and by each nightly run."""
-        return f"{self.prefix}:trending"
+        return f"{self.tag}:trending"
 
     @property
     def promotions(self) -> str:
         """JSON: titles operators pin into page rows, {row kind: {"items": [ids], "share"}} (app.pages)."""
-        return f"{self.prefix}:promotions"
+        return f"{self.tag}:promotions"
 
     # -- online results and experiments (models.attribution, models.experiments) ---------
     @property
     def online_secret(self) -> str:
-        return f"{self.prefix}:online:secret"
+        return f"{self.tag}:online:secret"
 
     @property
     def impressions_stream(self) -> str:
-        return f"{self.prefix}:impressions"
+        return f"{self.tag}:impressions"
 
     def shown(self, user_digest: str) -> str:
-        return f"{self.prefix}:shown:{user_digest}"
+        return f"{self.tag}:shown:{user_digest}"
 
     def online_hour(self, hour: int) -> str:
-        return f"{self.prefix}:online:hour:{hour}"
+        return f"{self.tag}:online:hour:{hour}"
 
     def online_users(self, hour: int, version: str, arm: str) -> str:
-        return f"{self.prefix}:online:users:{hour}:{version}|{arm}"
+        return f"{self.tag}:online:users:{hour}:{version}|{arm}"
 
     @property
     def online_totals(self) -> str:
-        return f"{self.prefix}:online:totals"
+        return f"{self.tag}:online:totals"
 
     @property
     def experiment(self) -> str:
-        return f"{self.prefix}:experiment"
+        return f"{self.tag}:experiment"
 
     @property
     def experiments(self) -> str:
-        return f"{self.prefix}:experiments"
+        return f"{self.tag}:experiments"
 
     def experiment_users(self, experiment_id: str, arm: str) -> str:
-        return f"{self.prefix}:experiment:{experiment_id}:{arm}:users"
+        return f"{self.tag}:experiment:{experiment_id}:{arm}:users"
 
     def experiment_sums(self, experiment_id: str, arm: str) -> str:
-        return f"{self.prefix}:experiment:{experiment_id}:{arm}:sums"
+        return f"{self.tag}:experiment:{experiment_id}:{arm}:sums"
 
     # The dashboard's server-side sessions and sign-in limits (app.admin.auth); names are hashes.
     def admin_session(self, digest: str) -> str:
-        return f"{self.prefix}:admin:session:{digest}"
+        return f"{self.tag}:admin:session:{digest}"
 
     def admin_signin_failures(self, who: str, window: int) -> str:
-        return f"{self.prefix}:admin:signin:{who}:{window}"
+        return f"{self.tag}:admin:signin:{who}:{window}"
 
 
 class ModelStore:
     """Publish, list, activate and fetch model versions in Redis."""
 
-    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX):
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, shards: int | None = None):
         self.redis = client
-        self.keys = Keys(prefix)
+        cluster = is_cluster(client)
+        self.keys = Keys(prefix, cluster, shards or event_shards(cluster))
 
     # -- writing -----------------------------------------------------------------
     def write_version(self, parts: dict[str, bytes], meta: dict, version: str | None = None) -> str:
@@ -511,8 +586,8 @@ class ModelStore:
                 old = None  # nothing to mark; the operator is moving away from it
             if old is not None:
                 pipe.set(self.keys.meta(previous), orjson.dumps({**old, "status": "ready"}))
-        pipe.publish(self.keys.live_channel, version)
         pipe.execute()
+        self.redis.publish(self.keys.live_channel, version)  # after: a cluster transaction cannot hold a PUBLISH
 
     def set_status(self, version: str, status: str, **extra) -> None:
         meta = self.meta(version)
@@ -538,12 +613,13 @@ class ModelStore:
         Only versions whose id says they were created more than ``older_than``
         seconds ago: a younger one may be a publish still in progress.
         """
-        head = f"{self.keys.prefix}:version:"
         found: dict[str, list[bytes]] = {}
-        for key in self.redis.scan_iter(match=f"{head}*", count=1000):
-            version, _, rest = key.decode()[len(head) :].partition(":")
-            if rest.startswith(("part:", "users:")):
-                found.setdefault(version, []).append(key)
+        for pattern in self.keys.version_patterns:
+            head = pattern[:-1]
+            for key in self.redis.scan_iter(match=pattern, count=1000):
+                version, _, rest = key.decode()[len(head) :].partition(":")
+                if rest.startswith(("part:", "users:")):
+                    found.setdefault(version, []).append(key)
         dropped = []
         for version, keys in found.items():
             try:
@@ -569,7 +645,8 @@ class ModelStore:
             if meta.get("user_store"):
                 keys.extend(self.user_buckets(version, meta["user_store"]))
         else:
-            keys.extend(self.redis.scan_iter(match=f"{self.keys.prefix}:version:{version}:*", count=1000))
+            for pattern in self.keys.version_patterns:
+                keys.extend(self.redis.scan_iter(match=f"{pattern[:-1]}{version}:*", count=1000))
         self.redis.zrem(self.keys.versions, version)  # first: a version being deleted is no longer listed
         for start in range(0, len(keys), 1000):
             self.redis.unlink(*keys[start : start + 1000])

@@ -210,8 +210,9 @@ def test_odd_ids_never_reach_redis_keys(client, store, published):
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["not_in_model"] == sorted({"test:live", HOSTILE_IDS[8]})
     new_keys = set(store.redis.keys("*")) - keys_before
-    # (the online secret is created on first use; no impression showed these titles, so nothing is credited)
-    assert {k.decode() for k in new_keys} <= {store.keys.events_stream, store.keys.fresh_history, store.keys.online_secret}
+    # (the online secret and the events' layout are created on first use; no impression showed these titles)
+    made_on_first_use = {store.keys.online_secret, store.keys.events_layout}
+    assert {k.decode() for k in new_keys} <= {store.keys.events_stream, store.keys.fresh_history, *made_on_first_use}
     assert {store.keys.events_stream, store.keys.fresh_history} <= {k.decode() for k in new_keys}
     assert store.live_version() == published
     assert store.redis.hlen(store.keys.fresh_history) == len(set(HOSTILE_IDS))
@@ -339,3 +340,44 @@ def test_a_new_user_with_two_titles_gets_personalised_results(client):
     # Their taste shows: more of the genre than the popular list has.
     in_genre = sum(genre in genres[model.item_index[i]] for i in ids)
     assert in_genre > sum(genre in genres[model.item_index[i]] for i in popular)
+
+
+def test_events_spread_over_shards_reach_the_job_once_and_a_changed_shard_count_is_refused(
+    redis_server, demo_files, tmp_path, monkeypatch
+):
+    """EVENT_SHARDS > 1 on one node: each user's events go to one shard's stream and overlay, the job
+    takes every shard's exactly once, and a service or job configured with another count refuses."""
+    from models.live_events import EventLayoutError
+    from models.store import ModelStore
+
+    client_redis = __import__("redis").Redis.from_url(redis_server.url)
+    client_redis.flushall()
+    monkeypatch.setenv("EVENT_SHARDS", "4")
+    sharded = ModelStore(client_redis, "sharded")
+    assert sharded.keys.shards == 4
+    first = run_nightly(job_config(demo_files, "sharded", redis_url=redis_server.url, keep=1))
+    client = make_app(redis_server, sharded, tmp_path).test_client()
+    model = live_of(client).current
+    users = model.user_ids[:30]
+    pick = model.item_ids[0]
+    posted = client.post("/events", json=[event(u, pick) for u in users])
+    assert posted.status_code == 200, posted.get_json()
+    lengths = [client_redis.xlen(sharded.keys.events_stream_of(s)) for s in range(4)]
+    assert sum(lengths) == 30 and all(n > 0 for n in lengths), lengths
+    assert all(pick not in [i["item_id"] for i in client.get(f"/recommend?user={u}").get_json()["items"]] for u in users[:5])
+
+    # Every night's model has each stream entry once (the stream is the input until it is archived).
+    base = first.meta["counts"]["events"]
+    for _ in range(2):
+        night = run_nightly(job_config(demo_files, "sharded", redis_url=redis_server.url, keep=1))
+        info = sharded.meta(night.version)["live_events"]
+        assert info["events"] == 30 and sum(s["events"] for s in info["shards"].values()) == 30
+        assert night.meta["counts"]["events"] == base + 30
+        assert sum(client_redis.hlen(sharded.keys.fresh_of(s)) for s in range(4)) == 0  # the overlays are in the model
+
+    monkeypatch.setenv("EVENT_SHARDS", "2")  # an operator changes the count under stored events
+    again = make_app(redis_server, sharded, tmp_path / "two").test_client()
+    refused = again.post("/events", json=event(users[0], pick))
+    assert refused.status_code == 503 and "EVENT_SHARDS=4" in refused.get_json()["error"]
+    with pytest.raises(EventLayoutError, match="EVENT_SHARDS=4"):
+        run_nightly(job_config(demo_files, "sharded", redis_url=redis_server.url))

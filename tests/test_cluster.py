@@ -1,0 +1,254 @@
+"""Redis Cluster (``REDIS_CLUSTER=1``): a real cluster of 3 masters and 3 replicas (tests/cluster.py).
+
+The key layout keeps every script's and transaction's keys in one slot and
+spreads per-user records and event shards over every master; the nightly job,
+the service and ``POST /events`` run on it unchanged; and a master killed
+under load fails over with reads answering throughout and no accepted event lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import pytest
+import redis
+
+from app import create_app
+from jobs.nightly import NightlyConfig, run_nightly
+from models.data import LiveEvent
+from models.embeddings import ModelParams
+from models.live_events import EventLog, take_for_job
+from models.recommender import open_version
+from models.store import ModelStore, redis_from_url
+from tests.cluster import RedisCluster
+from tests.helpers import get, post_json, start_gunicorn, stop
+
+FAST = ModelParams(n_trees=5, iterations=5, content_steps=30, factors=16, candidates=20)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    nodes = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    nodes.start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+def cluster_store(cluster, monkeypatch) -> ModelStore:
+    monkeypatch.setenv("REDIS_CLUSTER", "1")
+    client = redis_from_url(cluster.url)
+    client.flushall()  # every master
+    yield ModelStore(client, "cl")
+    client.close()
+
+
+def keys_by_master(cluster: RedisCluster, pattern: str) -> dict[int, list[str]]:
+    return {port: [k.decode() for k in redis.Redis(port=port).scan_iter(match=pattern, count=1000)] for port in cluster.masters()}
+
+
+def stored_events(store: ModelStore) -> collections.Counter:
+    """(user, item, timestamp) of every entry in every shard's stream."""
+    found: collections.Counter = collections.Counter()
+    log = EventLog(store.redis, store.keys)
+    for shard in log.shards:
+        for _, event in log.read(log.snapshot(shard), shard=shard):
+            found[(event.user_id, event.item_id, event.timestamp)] += 1
+    return found
+
+
+def test_layout_groups_control_keys_and_spreads_users_and_events(cluster, cluster_store, trained_demo, tmp_path):
+    store = cluster_store
+    assert store.keys.cluster and store.keys.shards == 16 and store.keys.tag == "{cl}"
+    version = store.publish(trained_demo.parts, trained_demo.meta)
+    masters = cluster.masters()
+    assert len(masters) == 3
+
+    # Every key that a script or transaction touches together lives in the {cl} slot, on one master.
+    grouped = keys_by_master(cluster, "{cl}:*")
+    holders = [port for port, keys in grouped.items() if keys]
+    assert holders == [cluster.master_of("{cl}:live")]
+    assert f"{{cl}}:version:{version}:meta" in grouped[holders[0]]
+
+    # Per-user records: buckets on every master, none under the tag.
+    buckets = keys_by_master(cluster, f"cl:version:{version}:users:*")
+    assert all(len(keys) > 0 for keys in buckets.values()), {p: len(k) for p, k in buckets.items()}
+    assert sum(len(k) for k in buckets.values()) == store.meta(version)["user_store"]["buckets"]
+
+    # The service's reads work across slots: every user's record decodes, recommendations come back.
+    model = open_version(store, version, tmp_path / "cache")
+    users = model.user_ids[:50]
+    assert all(model.user(u) is not None for u in users)
+    assert all(model.recommend(u, k=5)[0] == "personalized" and len(model.recommend(u, k=5)[1]) == 5 for u in users[:10])
+
+    # Events: one stream (and overlay) per shard, spread over every master; each user's events in one shard.
+    log = EventLog(store.redis, store.keys)
+    events = [LiveEvent(f"viewer-{n}", model.item_ids[n % 20], 1_700_000_000 + n, 600.0) for n in range(300)]
+    ids = log.append(events)
+    assert len(ids) == 300 and all(ids)
+    streams = keys_by_master(cluster, "{cl:events:*}")
+    assert all(any(k.startswith("{cl:events:") and not k.endswith(":fresh") for k in keys) for keys in streams.values())
+    assert sum(stored_events(store).values()) == 300
+    assert log.fresh_raw("viewer-7").decode().split("\t")[1] == model.item_ids[7]  # from the user's own shard
+    assert log.fresh_users() == {f"viewer-{n}" for n in range(300)}
+
+    # Pruning a version removes its buckets from every master.
+    store.delete(version)
+    assert sum(len(k) for k in keys_by_master(cluster, f"cl:version:{version}:*").values()) == 0
+
+
+def job(demo_files, cluster, **overrides) -> NightlyConfig:
+    settings = dict(
+        events=str(demo_files["events"]), catalog=str(demo_files["catalog"]), redis_url=cluster.url, prefix="cl",
+        evaluate=False, show_progress=False, params=FAST, text=False,
+    )  # fmt: skip
+    settings.update(overrides)
+    return NightlyConfig(**settings)
+
+
+def test_job_service_and_events_run_on_the_cluster(cluster, cluster_store, demo_files, tmp_path):
+    store = cluster_store
+    archive = tmp_path / "archive"
+    first = run_nightly(job(demo_files, cluster, events_archive=str(archive)))
+    assert store.live_version() == first.version
+    app = create_app({
+        "REDIS_URL": cluster.url, "REDIS_PREFIX": "cl", "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_WATCHER": False, "TESTING": True,
+    })  # fmt: skip
+    client = app.test_client()
+    model = app.extensions["live_model"].current
+    users = model.user_ids[:40]
+    picks = {}
+    for user in users:
+        answer = client.get(f"/recommend?user={user}&k=5")
+        assert answer.status_code == 200, answer.json
+        assert len(answer.json["items"]) == 5 and answer.json["items"][0]["because"]
+        picks[user] = answer.json["items"][0]["item_id"]
+
+    posted = client.post("/events", json=[{"user_id": u, "item_id": picks[u], "timestamp": int(time.time()), "watch_seconds": 1200} for u in users])
+    assert posted.status_code == 200 and posted.json["accepted"] == 40, posted.json
+    for user in users[:10]:  # the fresh overlay (read from the user's shard) excludes what was just watched
+        items = [i["item_id"] for i in client.get(f"/recommend?user={user}&k=5").json["items"]]
+        assert picks[user] not in items
+    shards = {store.keys.event_shard(u) for u in users}
+    assert len(shards) > 4
+
+    # The next night takes every shard's events exactly once, and with keep=1 compacts them into the archive.
+    second = run_nightly(job(demo_files, cluster, events_archive=str(archive), keep=1))
+    taken = store.meta(second.version)["live_events"]
+    assert taken["events"] == 40 and set(taken["shards"]) == {str(s) for s in range(16)}
+    assert sum(store.redis.xlen(store.keys.events_stream_of(s)) for s in range(16)) == 0
+    assert sum(store.redis.hlen(store.keys.fresh_of(s)) for s in range(16)) == 0
+    info, files = take_for_job(store, tmp_path, str(archive))
+    assert info["events"] == 0 and sorted({f.parent.name for f in files}) == sorted(f"shard-{s}" for s in shards)
+    import pyarrow.parquet as pq
+
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 40
+
+
+def test_an_event_no_replica_confirmed_is_not_reported_accepted(cluster, cluster_store, tmp_path):
+    """WAIT: while the shard master's replica stalls, POST /events answers 503 (retry), never 200."""
+    store = cluster_store
+    app = create_app({
+        "REDIS_URL": cluster.url, "REDIS_PREFIX": "cl", "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_WATCHER": False, "TESTING": True,
+    })  # fmt: skip
+    client = app.test_client()
+    event = {"user_id": "stalled-viewer", "item_id": "t1", "timestamp": 1_700_000_000}
+    master = cluster.master_of(store.keys.events_stream_of(store.keys.event_shard("stalled-viewer")))
+    replica = cluster.replica_of(master)
+    assert client.post("/events", json=event).status_code == 200
+    cluster.pause(replica)
+    try:
+        stalled = client.post("/events", json=event)
+    finally:
+        cluster.resume(replica)
+    assert stalled.status_code == 503 and "retry" in stalled.json["error"], stalled.json
+    assert stalled.headers["Retry-After"]
+    cluster.wait_healthy()
+    assert client.post("/events", json=event).status_code == 200
+
+
+def test_killing_a_master_under_load_loses_no_accepted_event(tmp_path, trained_demo, monkeypatch):
+    """SIGKILL the master of the most event shards while writers and readers run through gunicorn."""
+    nodes = RedisCluster(tmp_path / "nodes")
+    (tmp_path / "nodes").mkdir()
+    nodes.start()
+    process = None
+    try:
+        monkeypatch.setenv("REDIS_CLUSTER", "1")
+        store = ModelStore(redis_from_url(nodes.url), "fo")
+        store.publish(trained_demo.parts, trained_demo.meta)
+        model = open_version(store, store.live_version(), tmp_path / "local")
+        readers_users, titles = model.user_ids[:20], model.item_ids[:50]
+        process, base = start_gunicorn(nodes.url, "fo", tmp_path / "cache", workers=2, REDIS_CLUSTER="1")
+
+        owners = collections.Counter(nodes.master_of(store.keys.events_stream_of(s)) for s in range(store.keys.shards))
+        victim = owners.most_common(1)[0][0]
+        on_victim = {s for s in range(store.keys.shards) if nodes.master_of(store.keys.events_stream_of(s)) == victim}
+        accepted: list[tuple[str, str, int]] = []
+        refused = collections.Counter()
+        reads = collections.Counter()
+        first_ok_after_kill: list[float] = []
+        killed_at: list[float] = []
+        done = threading.Event()
+
+        def write(worker: int) -> None:
+            n = 0
+            while not done.is_set():
+                batch = [(f"w{worker}-{n}-{k}", titles[(n + k) % len(titles)], 1_700_000_000 + n) for k in range(4)]
+                n += 1
+                sent = time.monotonic()
+                try:
+                    status, body = post_json(f"{base}/events", [{"user_id": u, "item_id": i, "timestamp": t} for u, i, t in batch], timeout=10)
+                except OSError as exc:
+                    refused[type(exc).__name__] += 1
+                    continue
+                if status == 200:
+                    accepted.extend(batch)
+                    touches = any(store.keys.event_shard(u) in on_victim for u, _, _ in batch)
+                    if killed_at and sent > killed_at[0] and touches and not first_ok_after_kill:  # sent after the kill
+                        first_ok_after_kill.append(time.monotonic() - killed_at[0])
+                else:
+                    refused[status] += 1
+                    time.sleep(0.05)
+
+        def read() -> None:
+            n = 0
+            while not done.is_set():
+                status, _ = get(f"{base}/recommend?user={readers_users[n % len(readers_users)]}&k=5", timeout=10)
+                reads[status] += 1
+                n += 1
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(3)] + [threading.Thread(target=read) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        before = len(accepted)
+        killed_at.append(time.monotonic())
+        nodes.kill(victim)
+        failed_over = nodes.wait_failover(victim)  # its replica took over its slots
+        time.sleep(5)
+        done.set()
+        for thread in threads:
+            thread.join(30)
+        after = len(accepted) - before
+
+        recovered = f"{first_ok_after_kill[0]:.1f}s" if first_ok_after_kill else "never"
+        print(f"\nkilled {victim} (master of {len(on_victim)} of {store.keys.shards} event shards): failover in {failed_over:.1f}s, "
+              f"writes to its shards accepted again {recovered} after the kill; accepted {len(accepted)} events "
+              f"({before} before the kill), refused {dict(refused)}, reads {dict(reads)}")  # fmt: skip
+        assert before > 50 and after > 50
+        assert set(reads) == {200}, reads  # reads answered throughout (degraded while the slots moved)
+        assert first_ok_after_kill and first_ok_after_kill[0] < 15.0
+        counts = stored_events(ModelStore(redis_from_url(nodes.url), "fo"))
+        lost = [event for event in accepted if counts[event] == 0]
+        assert not lost, f"{len(lost)} of {len(accepted)} accepted events lost, e.g. {lost[:3]}"
+        assert "Traceback" not in stop(process)
+        process = None
+    finally:
+        if process is not None:
+            stop(process)
+        nodes.stop()
