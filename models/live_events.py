@@ -9,6 +9,12 @@ stream entries and as hash *fields*, never in a key name::
     {prefix}:fresh    hash; field = user id, value = that user's newest entries,
                       "stream-id<TAB>item<TAB>t<TAB>w" lines, oldest first, capped in bytes
 
+With ``EVENT_SHARDS`` > 1 (the default on a Redis Cluster) there is one such
+stream and overlay per shard, and a user's events always go to the same
+shard (:meth:`models.store.Keys.event_shard`). Everything below then holds per
+shard: each shard's ids are its own, and a version records
+``consumed_through`` for each (``live_events.shards``).
+
 Exactly once into the model: the job snapshots the stream's last id before it
 loads anything, trains on the files plus every stream entry up to and
 including that id, and records the id in the published version's metadata
@@ -191,54 +197,86 @@ class EventLog:
         groups: dict[int, list[int]] = {}
         for n, event in enumerate(events):
             groups.setdefault(self.keys.event_shard(event.user_id), []).append(n)
-        ids: list[str] = [""] * len(events)
+        pending = {}
         for shard, members in groups.items():
             args: list = [FRESH_MAX_BYTES, self.keys.fresh_channel]
             for n in members:
                 event = events[n]
                 seconds = "" if event.watch_seconds is None else repr(float(event.watch_seconds))
                 args += [event.user_id, event.item_id, str(int(event.timestamp)), seconds]
-            keys = [self.keys.events_stream_of(shard), self.keys.fresh_of(shard)]
-            stored = self._append_on_master(keys, args) if self.cluster else self._append(keys=keys, args=args)
-            for n, stream_id in zip(members, stored):
+            pending[shard] = ([self.keys.events_stream_of(shard), self.keys.fresh_of(shard)], args)
+        if self.cluster:
+            stored = self._append_cluster(pending)
+        else:
+            stored = {shard: self._append(keys=keys, args=args) for shard, (keys, args) in pending.items()}
+        ids: list[str] = [""] * len(events)
+        for shard, members in groups.items():
+            for n, stream_id in zip(members, stored[shard]):
                 ids[n] = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
         return ids
 
-    def _append_on_master(self, keys: list[str], args: list) -> list:
-        """The script on the master of the shard's slot, then WAIT on the same connection (the only way
-        WAIT covers those writes). A refused slot (MOVED, CLUSTERDOWN, TRYAGAIN: nothing ran) refreshes
-        the slot map and is tried once more; a lost connection is not (the script may have run).
+    _REFUSED = (redis.exceptions.MovedError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)
 
-        A master left without any replica (its own died, or it is a replica just promoted by a
-        failover) cannot be waited for: its writes are accepted on its AOF alone, logged, and it is
-        asked again after ``LONELY_RECHECK_SECONDS`` (no WAIT stalls every write in the meantime).
+    def _append_cluster(self, pending: dict[int, tuple[list[str], list]]) -> dict[int, list]:
+        """Each shard's script on the master of its slot: one pipeline per master holding every shard it
+        serves, then one WAIT on the same connection (the only way WAIT covers those writes).
+
+        A shard whose slot is refused (MOVED, CLUSTERDOWN, TRYAGAIN: its script did not run) or whose
+        master lacks the script (NOSCRIPT, after a failover) is tried once more after refreshing the
+        slot map; a lost connection is not retried (the scripts may have run). A master left without
+        any replica (its own died, or it was just promoted by a failover) cannot be waited for: its
+        writes are accepted on its AOF alone, logged, and it is asked again after
+        ``LONELY_RECHECK_SECONDS`` (no WAIT stalls every write in the meantime).
         """
+        done: dict[int, list] = {}
         for attempt in (1, 2):
-            try:
+            nodes: dict[str, tuple] = {}
+            for shard, (keys, _) in pending.items():
                 node = self.redis.get_node_from_key(keys[0])
+                nodes.setdefault(node.name, (node, []))[1].append(shard)
+            retry: dict[int, tuple[list[str], list]] = {}
+            last_refusal: Exception | None = None
+            for node, shards in nodes.values():
                 conn = self.redis.get_redis_connection(node)
                 pipe = conn.pipeline(transaction=False)
-                self._append(keys=keys, args=args, client=pipe)
+                for shard in shards:
+                    keys, args = pending[shard]
+                    pipe.evalsha(self._append.sha, len(keys), *keys, *args)
                 wait = self.replicas > 0 and self._lonely.get(node.name, 0.0) <= time.monotonic()
                 if wait:
                     pipe.execute_command("WAIT", self.replicas, WAIT_MS)
-                found = pipe.execute()
-                if wait and int(found[1]) < self.replicas:
-                    online = replicas_online(conn)
-                    if online:
-                        raise NotReplicated(f"{found[1]} of {self.replicas} replica(s) confirmed the events within {WAIT_MS} ms")
-                    self._lonely[node.name] = time.monotonic() + LONELY_RECHECK_SECONDS
-                    log.warning("Redis master %s has no replica: events are accepted on its AOF alone", node.name)
-                return found[0]
-            except (redis.exceptions.MovedError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError):
+                try:
+                    found = pipe.execute(raise_on_error=False)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    self.redis.nodes_manager.initialize()  # a failover: the next request finds the new master
+                    raise
+                for shard, answer in zip(shards, found):
+                    if isinstance(answer, redis.exceptions.NoScriptError):
+                        conn.script_load(_APPEND)
+                        retry[shard] = pending[shard]
+                    elif isinstance(answer, self._REFUSED):
+                        retry[shard], last_refusal = pending[shard], answer
+                    elif isinstance(answer, Exception):
+                        raise answer
+                    else:
+                        done[shard] = answer
+                if wait:
+                    acked = found[-1]
+                    if isinstance(acked, Exception):
+                        raise acked
+                    if int(acked) < self.replicas:
+                        if replicas_online(conn):
+                            raise NotReplicated(f"{acked} of {self.replicas} replica(s) confirmed the events within {WAIT_MS} ms")
+                        self._lonely[node.name] = time.monotonic() + LONELY_RECHECK_SECONDS
+                        log.warning("Redis master %s has no replica: events are accepted on its AOF alone", node.name)
+            if not retry:
+                return done
+            if last_refusal is not None:
                 self.redis.nodes_manager.initialize()
                 if attempt == 2:
-                    raise
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not isinstance(exc, NotReplicated):
-                    self.redis.nodes_manager.initialize()  # a failover: the next request finds the new master
-                raise
-        raise AssertionError("unreachable")
+                    raise last_refusal
+            pending = retry
+        raise redis.exceptions.ClusterDownError("the event shards' slots kept moving")
 
     def fresh_raw(self, user_id: str) -> bytes | None:
         """The user's overlay as stored: one HGET (the request path pipelines the same HGET with the
