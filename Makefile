@@ -42,6 +42,7 @@ bench: venv
 	$(PY) bench/events.py
 	$(PY) bench/online.py
 	$(PY) bench/search.py
+	$(PY) bench/cluster.py
 	$(PY) bench/train_spark.py
 
 bench-quality: venv

@@ -46,6 +46,12 @@ Online results and experiments (see :mod:`models.attribution` and :mod:`models.e
     {prefix}:experiment:{id}:{arm}:users -> hash: user hash -> "impressions clicks completion viewings"
     {prefix}:experiment:{id}:{arm}:sums -> hash: users and the sums, squares and products of those four (the test)
 
+On a Redis Cluster (``REDIS_CLUSTER=1``) ``{prefix}`` above is written in
+braces, ``{recs}:live``: one hash tag, so every script, transaction and
+multi-key command finds its keys in one slot. The user buckets are the
+exception (``recs:version:{id}:users:{b}``, no tag: they spread over every
+slot), and so are the event shards (``{recs:events:N}``, see :class:`Keys`).
+
 Publishing writes every part, then the metadata, and only then moves the
 pointer (one SET, atomic). A reader verifies the checksum of what it fetched
 before using it, so a half-written or corrupted version is refused and the
