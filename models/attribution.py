@@ -308,7 +308,7 @@ def hourly(client: redis.Redis, keys: Keys, tags: list[tuple[str, str]], hours: 
     for hour in hours:
         pipe.hgetall(keys.online_hour(hour))
         for version, arm in tags:
-            pipe.pfcount(keys.online_users(hour, version, arm))
+            pipe.execute_command("PFCOUNT", keys.online_users(hour, version, arm))  # (redis-py blocks pipe.pfcount on a cluster)
     answers = iter(pipe.execute())
     out: dict[tuple[str, str], list[dict]] = {tag: [] for tag in tags}
     for hour in hours:

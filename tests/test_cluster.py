@@ -148,6 +148,74 @@ def test_job_service_and_events_run_on_the_cluster(cluster, cluster_store, demo_
     assert sum(pq.read_metadata(f).num_rows for f in files) == 40
 
 
+def test_impressions_attribution_and_an_experiment_run_on_the_cluster(cluster, cluster_store, trained_demo, tmp_path):
+    """The online path's scripts and transactions find their keys in one slot: impressions, credited
+    viewings, an experiment's per-arm sums, promotion, and the impressions' compaction."""
+    from models import experiments
+    from models.attribution import compact_impressions, hourly
+
+    store = cluster_store
+    first = store.publish(trained_demo.parts, trained_demo.meta)
+    second = store.publish(trained_demo.parts, trained_demo.meta)
+    experiments.start(store, "on-a-cluster", [("control", second, 0.5), ("treatment", first, 0.5)])
+    app = create_app({
+        "REDIS_URL": cluster.url, "REDIS_PREFIX": "cl", "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_WATCHER": False, "TESTING": True,
+    })  # fmt: skip
+    client = app.test_client()
+    live = app.extensions["live_model"]
+    live.refresh_experiment()
+    now = int(time.time())
+    arms = collections.Counter()
+    for user in live.current.user_ids[:60]:
+        answer = client.get(f"/recommend?user={user}").json
+        shown = [i["item_id"] for i in answer["items"]]
+        assert client.post("/impressions", json={"user_id": user, "recommendation_id": answer["recommendation_id"], "items": shown, "timestamp": now}).status_code == 200
+        assert client.post("/events", json={"user_id": user, "item_id": shown[0], "timestamp": now + 5}).status_code == 200
+        arms[answer["arm"]] += 1
+    assert set(arms) == {"control", "treatment"}
+    status = experiments.status(store, experiments.current(store))
+    assert {arm: a["impressions"] for arm, a in status["arms"].items()} == dict(arms)
+    assert {arm: a["clicks"] for arm, a in status["arms"].items()} == dict(arms)
+    counts = hourly(store.redis, store.keys, [(second, "control"), (first, "treatment")], [now // 3600])
+    assert counts[(second, "control")][0]["clicks"] == arms["control"]
+    assert counts[(first, "treatment")][0]["users"] == arms["treatment"]
+    record = experiments.promote(store, "treatment")
+    assert record["status"] == "promoted" and store.live_version() == first
+    archived = compact_impressions(store.redis, store.keys, tmp_path / "archive", now=now + 2 * 86400)
+    assert archived["archived"] == 60 and archived["impressions_kept"] == 0
+
+
+def test_the_dashboard_works_on_the_cluster(cluster, cluster_store, trained_demo, tmp_path, monkeypatch):
+    """Sign-in (sessions and rate limits), every page, a rollback, a queued run and a promotion."""
+    from tests.test_admin import HTML, TOKEN, csrf_from, sign_in
+
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    store = cluster_store
+    older = store.publish(trained_demo.parts, trained_demo.meta)
+    newer = store.publish(trained_demo.parts, trained_demo.meta)
+    app = create_app({
+        "REDIS_URL": cluster.url, "REDIS_PREFIX": "cl", "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_WATCHER": False, "TESTING": True, "ADMIN_TOKEN": TOKEN,
+    })  # fmt: skip
+    client = app.test_client()
+    assert sign_in(client, "wrong").status_code == 401
+    assert sign_in(client).status_code == 303
+    model = app.extensions["live_model"].current
+    user, title = model.user_ids[0], model.item_ids[0]
+    for page in ("/admin/", "/admin/models", "/admin/runs", "/admin/explore", f"/admin/explore/user?user={user}",
+                 f"/admin/explore/title?item={title}", "/admin/promotions", "/admin/experiments", "/admin/map.json"):  # fmt: skip
+        assert client.get(page, headers=HTML).status_code == 200, page
+    csrf = csrf_from(client.get("/admin/runs", headers=HTML).text)
+    assert client.post("/admin/models/activate", data={"csrf_token": csrf, "version": older}).status_code == 303
+    assert store.live_version() == older
+    assert client.post("/admin/runs", data={"csrf_token": csrf}).status_code == 303
+    assert store.redis.llen(store.keys.run_queue) == 1
+    saved = client.post("/admin/promotions", data={"csrf_token": csrf, "kind": "top_picks", "items": title, "share": "0.2"})
+    assert saved.status_code in (200, 303) and title.encode() in store.redis.get(store.keys.promotions)
+    assert newer in {v["model_version"] for v in store.versions()}
+
+
 def test_an_event_no_replica_confirmed_is_not_reported_accepted(cluster, cluster_store, tmp_path):
     """WAIT: while the shard master's replica stalls, POST /events answers 503 (retry), never 200."""
     store = cluster_store
