@@ -103,7 +103,7 @@ class LiveModel:
         raw_user, raw_fresh = self._read(model, user_id, want_user, want_fresh)
         if want_user and memo is not None:
             memo[(model.version, user_id)] = model.decode_user(raw_user)
-        return fresh_overlay(model, raw_fresh, self.store.keys.event_shard(user_id)) if raw_fresh is not None else (None, None)
+        return fresh_overlay(model, raw_fresh, self.store.keys.user_shard(user_id)) if raw_fresh is not None else (None, None)
 
     def user_record(self, model: Recommender, user_id: str):
         """``model.read_user`` of a version whose users are records in Redis: the request's copy if
@@ -126,7 +126,7 @@ class LiveModel:
             pipe.hget(*self.store.user_address(model.version, model.user_store, user_id))
         if want_fresh:
             keys = self.store.keys
-            pipe.hget(keys.fresh_of(keys.event_shard(user_id)), user_id)
+            pipe.hget(keys.fresh_of(keys.user_shard(user_id)), user_id)
         try:
             found = pipe.execute()
         except redis.RedisError as exc:

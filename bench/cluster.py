@@ -122,7 +122,7 @@ def failover(nodes: RedisCluster, redis_url: str, env: dict, tmp: Path, titles: 
             except OSError:
                 status = "error"
             results[status] += 1
-            if status == 200 and killed and sent > killed[0] and store.keys.event_shard(user) in moved and not first_ok:
+            if status == 200 and killed and sent > killed[0] and store.keys.user_shard(user) in moved and not first_ok:
                 first_ok.append(time.monotonic() - killed[0])
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]

@@ -269,33 +269,44 @@ class OnlineLog:
         self._impress = client.register_script(_IMPRESS)
         self._attribute = client.register_script(_ATTRIBUTE)
 
-    def _head(self, running: str | None) -> list:
-        return [self.keys.tag, ATTRIBUTION_WINDOW, RETENTION_DAYS * 86400, running or ""]
+    def _head(self, shard: int, running: str | None) -> list:
+        return [self.keys.shard_head(shard), ATTRIBUTION_WINDOW, RETENTION_DAYS * 86400, running or ""]
+
+    def _by_shard(self, rows: list, user_of) -> dict[int, list]:
+        groups: dict[int, list] = {}
+        for row in rows:
+            groups.setdefault(self.keys.user_shard(user_of(row)), []).append(row)
+        return groups
 
     def record(self, impressions: list[tuple[Impression, Origin]], running: str | None) -> int:
-        """Store verified impressions (stream, per-user shown titles, counters) in one atomic step."""
-        args = self._head(running)
-        for shown, origin in impressions:
-            args += [
-                shown.user_id, self.ids.user_digest(shown.user_id), shown.recommendation_id, origin.version,
-                origin.arm or NO_ARM, origin.experiment or "", shown.timestamp, shown.row or "", len(shown.items),
-                *shown.items,
-            ]  # fmt: skip
-        return int(self._impress(keys=[self.keys.impressions_stream, self.keys.online_totals], args=args))
+        """Store verified impressions (stream, per-user shown titles, counters): one atomic script per user shard."""
+        stored = 0
+        for shard, rows in self._by_shard(impressions, lambda row: row[0].user_id).items():
+            args = self._head(shard, running)
+            for shown, origin in rows:
+                args += [
+                    shown.user_id, self.ids.user_digest(shown.user_id), shown.recommendation_id, origin.version,
+                    origin.arm or NO_ARM, origin.experiment or "", shown.timestamp, shown.row or "", len(shown.items),
+                    *shown.items,
+                ]  # fmt: skip
+            keys = [self.keys.impressions_of(shard), self.keys.online_totals_of(shard)]
+            stored += int(self._impress(keys=keys, args=args))
+        return stored
 
     def attribute(self, events: list[tuple[LiveEvent, Origin | None, float]], running: str | None) -> tuple[int, int]:
         """Credit viewings (event, origin of its recommendation id or None, completion); (credited, clicks)."""
-        args = self._head(running)
-        for event, origin, done in events:
-            args += [self.ids.user_digest(event.user_id), event.item_id, event.timestamp, repr(float(done))]
-            if origin is not None:
-                args += [event.recommendation_id, origin.version, origin.arm or NO_ARM, origin.experiment or ""]
-            else:
-                args += ["", "", "", ""]
-        if len(args) == 4:
-            return 0, 0
-        credited, clicks = self._attribute(keys=[self.keys.online_totals], args=args)
-        return int(credited), int(clicks)
+        credited = clicks = 0
+        for shard, rows in self._by_shard(events, lambda row: row[0].user_id).items():
+            args = self._head(shard, running)
+            for event, origin, done in rows:
+                args += [self.ids.user_digest(event.user_id), event.item_id, event.timestamp, repr(float(done))]
+                if origin is not None:
+                    args += [event.recommendation_id, origin.version, origin.arm or NO_ARM, origin.experiment or ""]
+                else:
+                    args += ["", "", "", ""]
+            got, first = self._attribute(keys=[self.keys.online_totals_of(shard)], args=args)
+            credited, clicks = credited + int(got), clicks + int(first)
+        return credited, clicks
 
 
 # -- reading the counts ------------------------------------------------------------------------------------------
@@ -303,36 +314,53 @@ HOUR_METRICS = ("impressions", "shown", "clicks", "viewings", "completion", "com
 
 
 def hourly(client: redis.Redis, keys: Keys, tags: list[tuple[str, str]], hours: list[int]) -> dict[tuple[str, str], list[dict]]:
-    """For each (version, arm): one record per hour with the counts, users and CTR / watch-through."""
+    """For each (version, arm): one record per hour with the counts, users and CTR / watch-through.
+
+    Summed over the user shards: each user counts in one shard only, so the
+    shards' HyperLogLogs count disjoint users and their counts add up.
+    """
     pipe = client.pipeline(transaction=False)
     for hour in hours:
-        pipe.hgetall(keys.online_hour(hour))
-        for version, arm in tags:
-            pipe.execute_command("PFCOUNT", keys.online_users(hour, version, arm))  # (redis-py blocks pipe.pfcount on a cluster)
+        for shard in range(keys.shards):
+            pipe.hgetall(keys.online_hour(hour, shard))
+            for version, arm in tags:
+                pipe.execute_command("PFCOUNT", keys.online_users(hour, version, arm, shard))  # (redis-py blocks pipe.pfcount on a cluster)
     answers = iter(pipe.execute())
     out: dict[tuple[str, str], list[dict]] = {tag: [] for tag in tags}
     for hour in hours:
-        raw = {k.decode(): float(v) for k, v in next(answers).items()}
+        raw: dict[str, float] = {}
+        users = dict.fromkeys(tags, 0)
+        for _ in range(keys.shards):
+            for k, v in next(answers).items():
+                raw[k.decode()] = raw.get(k.decode(), 0.0) + float(v)
+            for tag in tags:
+                users[tag] += int(next(answers))
         for version, arm in tags:
             prefix = f"{version}|{arm}|"
-            row = {"hour": hour, **{m: raw.get(prefix + m, 0.0) for m in HOUR_METRICS}, "users": int(next(answers))}
+            row = {"hour": hour, **{m: raw.get(prefix + m, 0.0) for m in HOUR_METRICS}, "users": users[(version, arm)]}
             out[(version, arm)].append(row)
     return out
 
 
 def totals(client: redis.Redis, keys: Keys) -> dict[tuple[str, str], dict[str, float]]:
-    """Counts since the start per (version, arm) (the ``/metrics`` counters)."""
+    """Counts since the start per (version, arm) (the ``/metrics`` counters), summed over the user shards."""
     out: dict[tuple[str, str], dict[str, float]] = {}
-    for field, value in client.hgetall(keys.online_totals).items():
-        version, arm, metric = field.decode().rsplit("|", 2)
-        out.setdefault((version, arm), {})[metric] = float(value)
+    for shard in range(keys.shards):
+        for field, value in client.hgetall(keys.online_totals_of(shard)).items():
+            version, arm, metric = field.decode().rsplit("|", 2)
+            counts = out.setdefault((version, arm), {})
+            counts[metric] = counts.get(metric, 0.0) + float(value)
     return out
 
 
 def forget_versions(client: redis.Redis, keys: Keys, versions: set[str]) -> int:
     """Drop the running totals of versions no longer kept (their hourly counts expire by themselves)."""
-    stale = [f for f in client.hkeys(keys.online_totals) if f.decode().split("|", 1)[0] not in versions]
-    return int(client.hdel(keys.online_totals, *stale)) if stale else 0
+    dropped = 0
+    for shard in range(keys.shards):
+        key = keys.online_totals_of(shard)
+        stale = [f for f in client.hkeys(key) if f.decode().split("|", 1)[0] not in versions]
+        dropped += int(client.hdel(key, *stale)) if stale else 0
+    return dropped
 
 
 # -- compaction ---------------------------------------------------------------------------------------------------
@@ -341,17 +369,28 @@ def compact_impressions(client: redis.Redis, keys: Keys, archive_dir: str | Path
 
     They were counted when they arrived; the stream only keeps the record. With
     an archive folder (``EVENTS_ARCHIVE``) they go to
-    ``impressions-<first>_<last>.parquet`` first (fsynced, renamed) and are
-    trimmed after; without one, entries older than ``RETENTION_DAYS`` are dropped.
+    ``impressions-<first>_<last>.parquet`` first (fsynced, renamed; with several
+    user shards, in ``shard-N/``) and are trimmed after; without one, entries
+    older than ``RETENTION_DAYS`` are dropped.
     """
+    result = {"archived": 0, "trimmed": 0, "archive_file": None, "impressions_kept": 0}
+    for shard in range(keys.shards):
+        folder = None if not archive_dir else Path(archive_dir) if keys.shards == 1 else Path(archive_dir) / f"shard-{shard}"
+        part = _compact_impressions_of(client, keys.impressions_of(shard), folder, now)
+        for total in ("archived", "trimmed", "impressions_kept"):
+            result[total] += part[total]
+        result["archive_file"] = part["archive_file"] or result["archive_file"]
+    return result
+
+
+def _compact_impressions_of(client: redis.Redis, stream: str, archive: Path | None, now: float | None) -> dict:
     now = time.time() if now is None else now
-    horizon = now - (ATTRIBUTION_WINDOW if archive_dir else RETENTION_DAYS * 86400)
+    horizon = now - (ATTRIBUTION_WINDOW if archive else RETENTION_DAYS * 86400)
     bound = f"{int(horizon * 1000)}-0"
     result = {"archived": 0, "trimmed": 0, "archive_file": None}
-    if archive_dir:
-        entries = client.xrange(keys.impressions_stream, "-", f"({bound}", count=COMPACT_BATCH)
+    if archive:
+        entries = client.xrange(stream, "-", f"({bound}", count=COMPACT_BATCH)
         if entries:
-            archive = Path(archive_dir)
             archive.mkdir(parents=True, exist_ok=True)
             first, last = entries[0][0].decode(), entries[-1][0].decode()
             final = archive / f"impressions-{first}_{last}.parquet"
@@ -370,8 +409,8 @@ def compact_impressions(client: redis.Redis, keys: Keys, archive_dir: str | Path
             os.rename(temp, final)
             result.update(archived=len(entries), archive_file=str(final))
             bound = _after(last)
-    result["trimmed"] = int(client.xtrim(keys.impressions_stream, minid=bound, approximate=False))
-    result["impressions_kept"] = int(client.xlen(keys.impressions_stream))
+    result["trimmed"] = int(client.xtrim(stream, minid=bound, approximate=False))
+    result["impressions_kept"] = int(client.xlen(stream))
     return result
 
 

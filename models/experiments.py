@@ -175,9 +175,12 @@ def stop(store: ModelStore, status: str = "stopped", promoted: str | None = None
     pipe = store.redis.pipeline(transaction=True)
     pipe.delete(store.keys.experiment)
     pipe.hset(store.keys.experiments, running.id, orjson.dumps(record))
+    pipe.execute()
+    pipe = store.redis.pipeline(transaction=False)  # per user shard: on a cluster, in other slots
     for arm in running.arms:  # the results stay readable for RESULTS_DAYS after the end, then go
-        pipe.expire(store.keys.experiment_users(running.id, arm), RESULTS_DAYS * 86400)
-        pipe.expire(store.keys.experiment_sums(running.id, arm), RESULTS_DAYS * 86400)
+        for shard in range(store.keys.shards):
+            pipe.expire(store.keys.experiment_users(running.id, arm, shard), RESULTS_DAYS * 86400)
+            pipe.expire(store.keys.experiment_sums(running.id, arm, shard), RESULTS_DAYS * 86400)
     pipe.execute()
     store.redis.publish(store.keys.live_channel, "experiment")  # after: a cluster transaction cannot hold a PUBLISH
     return record
@@ -230,10 +233,12 @@ def find(store: ModelStore, experiment_id: str | None = None) -> Experiment | No
 def _trim_history(store: ModelStore) -> None:
     records = history(store)
     for old in records[HISTORY_KEPT:]:
-        pipe = store.redis.pipeline()
+        pipe = store.redis.pipeline(transaction=False)
         pipe.hdel(store.keys.experiments, old["id"])
         for arm in old.get("arms", {}):
-            pipe.delete(store.keys.experiment_users(old["id"], arm), store.keys.experiment_sums(old["id"], arm))
+            for shard in range(store.keys.shards):
+                pipe.delete(store.keys.experiment_users(old["id"], arm, shard))
+                pipe.delete(store.keys.experiment_sums(old["id"], arm, shard))
         pipe.execute()
 
 
@@ -243,12 +248,18 @@ SUM_FIELDS = ("users", "n", "c", "w", "v", "nn", "cc", "cn", "ww", "vv", "wv")
 
 def arm_sums(store: ModelStore, experiment: Experiment) -> dict[str, dict[str, float]]:
     """Each arm's users and per-user sums (see :mod:`models.attribution`)."""
+    shards = range(store.keys.shards)  # each user's counters live in their shard: the shards' sums add up
     pipe = store.redis.pipeline(transaction=False)
     for arm in experiment.arms:
-        pipe.hgetall(store.keys.experiment_sums(experiment.id, arm))
+        for shard in shards:
+            pipe.hgetall(store.keys.experiment_sums(experiment.id, arm, shard))
+    answers = iter(pipe.execute())
     out = {}
-    for arm, raw in zip(experiment.arms, pipe.execute()):
-        values = {k.decode(): float(v) for k, v in raw.items()}
+    for arm in experiment.arms:
+        values: dict[str, float] = {}
+        for _ in shards:
+            for k, v in next(answers).items():
+                values[k.decode()] = values.get(k.decode(), 0.0) + float(v)
         out[arm] = {name: values.get(name, 0.0) for name in SUM_FIELDS}
     return out
 

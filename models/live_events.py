@@ -196,7 +196,7 @@ class EventLog:
         self.check_layout()
         groups: dict[int, list[int]] = {}
         for n, event in enumerate(events):
-            groups.setdefault(self.keys.event_shard(event.user_id), []).append(n)
+            groups.setdefault(self.keys.user_shard(event.user_id), []).append(n)
         pending = {}
         for shard, members in groups.items():
             args: list = [FRESH_MAX_BYTES, self.keys.fresh_channel]
@@ -281,7 +281,7 @@ class EventLog:
     def fresh_raw(self, user_id: str) -> bytes | None:
         """The user's overlay as stored: one HGET (the request path pipelines the same HGET with the
         user's record, app.live_model)."""
-        return self.redis.hget(self.keys.fresh_of(self.keys.event_shard(user_id)), user_id)
+        return self.redis.hget(self.keys.fresh_of(self.keys.user_shard(user_id)), user_id)
 
     def fresh_users(self) -> set[str]:
         """Every user with an overlay (HKEYS of each shard's overlay)."""

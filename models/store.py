@@ -31,7 +31,8 @@ Live events (written by ``POST /events``, read by the service and the job; see
     {prefix}:events                     -> stream: accepted events (u, i, t, w); trimmed once archived (live_events.compact)
     {prefix}:fresh                      -> hash: user id -> that user's newest stream entries
     {prefix}:events:layout              -> the number of event shards the stored events use (EVENT_SHARDS)
-    {prefix}:events:{n}, …:{n}:fresh    -> with EVENT_SHARDS > 1, the stream and overlay of shard n instead
+    {prefix}:shard:{n}:events, …:fresh  -> with EVENT_SHARDS > 1, the stream and overlay of user shard n instead
+                                           (and its :impressions, :shown:…, :online:…, :experiment:… keys below)
 
 Online results and experiments (see :mod:`models.attribution` and :mod:`models.experiments`)::
 
@@ -50,7 +51,7 @@ On a Redis Cluster (``REDIS_CLUSTER=1``) ``{prefix}`` above is written in
 braces, ``{recs}:live``: one hash tag, so every script, transaction and
 multi-key command finds its keys in one slot. The user buckets are the
 exception (``recs:version:{id}:users:{b}``, no tag: they spread over every
-slot), and so are the event shards (``{recs:events:N}``, see :class:`Keys`).
+slot), and so are the user shards (``{recs:shard:N}``: live events and online counts, see :class:`Keys`).
 
 Publishing writes every part, then the metadata, and only then moves the
 pointer (one SET, atomic). A reader verifies the checksum of what it fetched
@@ -74,10 +75,12 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import orjson
 import redis
+import redis.cluster
 
 CHUNK_BYTES = 64 * 1024 * 1024  # Redis strings max out at 512 MB; keep writes moderate
 DEFAULT_PREFIX = "recs"
@@ -233,15 +236,19 @@ def redis_from_url(url: str | None = None, cluster: bool | None = None, **kwargs
     """The one way to connect: ``REDIS_URL`` (``redis://``, ``rediss://`` with password) or localhost.
 
     With ``REDIS_CLUSTER=1`` (or ``cluster``) the URL names any node of a Redis
-    Cluster and the client is a :class:`redis.RedisCluster`, which finds the
-    others and follows failovers.
+    Cluster, or several, comma-separated (``redis://a:6379,redis://b:6379``:
+    start-up works while one is down), and the client is a
+    :class:`redis.RedisCluster`, which finds the others and follows failovers.
     """
     url = url or os.environ.get("REDIS_URL", "redis://localhost:6379/0")
     kwargs.setdefault("socket_connect_timeout", 2.0)
     kwargs.setdefault("socket_timeout", 10.0)
     kwargs.setdefault("health_check_interval", 15)
     if cluster_enabled() if cluster is None else cluster:
-        return redis.RedisCluster.from_url(url, **kwargs)
+        # Several nodes, comma-separated: the client starts from whichever answers (one may be down).
+        first, *others = [part.strip() for part in url.split(",") if part.strip()]
+        nodes = [redis.cluster.ClusterNode(u.hostname, u.port or 6379) for u in map(urlparse, others)]
+        return redis.RedisCluster.from_url(first, startup_nodes=nodes or None, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
 
 
@@ -261,7 +268,7 @@ def checksum(parts_meta: dict[str, dict]) -> str:
 
 
 def cluster_enabled() -> bool:
-    """``REDIS_CLUSTER=1``: ``REDIS_URL`` names one node of a Redis Cluster."""
+    """``REDIS_CLUSTER=1``: ``REDIS_URL`` names nodes of a Redis Cluster (one or several, comma-separated)."""
     return os.environ.get("REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -286,11 +293,12 @@ class Keys:
 
     On a Redis Cluster (``cluster``) every key a script, transaction or
     multi-key command touches together carries one hash tag: ``{prefix}``
-    (the pointer, versions, parts, runs, online counters). Two kinds of keys
-    are spread over all slots instead: the per-user record buckets (no tag, so
-    each bucket hashes on its whole name) and the event shards, one tag per
-    shard (``{prefix:events:N}``: its stream and its users' overlay, written by
-    one script). On one node the names are as they always were.
+    (the pointer, versions, parts, runs, the experiment's record). Two kinds of
+    keys are spread over all slots instead: the per-user record buckets (no
+    tag, so each bucket hashes on its whole name) and the user shards, one tag
+    per shard (``{prefix:shard:N}``: the events stream, overlay, impressions and
+    online counts of its users, each written by one script). On one node with
+    one shard the names are as they always were.
     """
 
     prefix: str = DEFAULT_PREFIX
@@ -302,22 +310,29 @@ class Keys:
         """What every grouped key starts with: the prefix, in braces on a cluster (one slot)."""
         return f"{{{self.prefix}}}" if self.cluster else self.prefix
 
-    # -- live events: ``shards`` streams, each with the overlay of its users ---------------
-    def event_shard(self, user_id: str) -> int:
-        """The shard of a user's events (and of their overlay): stable, spread evenly."""
+    # -- user shards: the live events and the online counts of a share of the users ------------------
+    def user_shard(self, user_id: str) -> int:
+        """The shard of a user's events, overlay, impressions and online counts: stable, spread evenly."""
         return 0 if self.shards == 1 else zlib.crc32(user_id.encode()) % self.shards
 
-    def _shard_head(self, shard: int) -> str:
+    def shard_head(self, shard: int) -> str:
+        """What a shard's keys start with: the tag itself with one shard, ``{prefix:shard:N}`` on a cluster."""
         if self.shards == 1:
-            return f"{self.tag}:events"
-        return f"{{{self.prefix}:events:{shard}}}" if self.cluster else f"{self.prefix}:events:{shard}"
+            return self.tag
+        return f"{{{self.prefix}:shard:{shard}}}" if self.cluster else f"{self.prefix}:shard:{shard}"
 
     def events_stream_of(self, shard: int) -> str:
-        return self._shard_head(shard)
+        return f"{self.shard_head(shard)}:events"
 
     def fresh_of(self, shard: int) -> str:
         """hash: user id -> that user's newest entries of ``shard``."""
-        return f"{self.tag}:fresh" if self.shards == 1 else f"{self._shard_head(shard)}:fresh"
+        return f"{self.shard_head(shard)}:fresh"
+
+    def impressions_of(self, shard: int) -> str:
+        return f"{self.shard_head(shard)}:impressions"
+
+    def online_totals_of(self, shard: int) -> str:
+        return f"{self.shard_head(shard)}:online:totals"
 
     @property
     def events_layout(self) -> str:
@@ -413,20 +428,22 @@ class Keys:
 
     @property
     def impressions_stream(self) -> str:
-        return f"{self.tag}:impressions"
+        return self.impressions_of(0)
 
-    def shown(self, user_digest: str) -> str:
-        return f"{self.tag}:shown:{user_digest}"
+    # (these five and the experiment's two per-user keys below exist once per user shard: the Lua
+    # scripts of models.attribution build the same names from ``shard_head``)
+    def shown(self, user_digest: str, shard: int = 0) -> str:
+        return f"{self.shard_head(shard)}:shown:{user_digest}"
 
-    def online_hour(self, hour: int) -> str:
-        return f"{self.tag}:online:hour:{hour}"
+    def online_hour(self, hour: int, shard: int = 0) -> str:
+        return f"{self.shard_head(shard)}:online:hour:{hour}"
 
-    def online_users(self, hour: int, version: str, arm: str) -> str:
-        return f"{self.tag}:online:users:{hour}:{version}|{arm}"
+    def online_users(self, hour: int, version: str, arm: str, shard: int = 0) -> str:
+        return f"{self.shard_head(shard)}:online:users:{hour}:{version}|{arm}"
 
     @property
     def online_totals(self) -> str:
-        return f"{self.tag}:online:totals"
+        return self.online_totals_of(0)
 
     @property
     def experiment(self) -> str:
@@ -436,11 +453,11 @@ class Keys:
     def experiments(self) -> str:
         return f"{self.tag}:experiments"
 
-    def experiment_users(self, experiment_id: str, arm: str) -> str:
-        return f"{self.tag}:experiment:{experiment_id}:{arm}:users"
+    def experiment_users(self, experiment_id: str, arm: str, shard: int = 0) -> str:
+        return f"{self.shard_head(shard)}:experiment:{experiment_id}:{arm}:users"
 
-    def experiment_sums(self, experiment_id: str, arm: str) -> str:
-        return f"{self.tag}:experiment:{experiment_id}:{arm}:sums"
+    def experiment_sums(self, experiment_id: str, arm: str, shard: int = 0) -> str:
+        return f"{self.shard_head(shard)}:experiment:{experiment_id}:{arm}:sums"
 
     # The dashboard's server-side sessions and sign-in limits (app.admin.auth); names are hashes.
     def admin_session(self, digest: str) -> str:

@@ -53,8 +53,8 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        """Any one node: the client discovers the rest."""
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
+        """Every node, comma-separated (REDIS_URL's cluster form): the client starts from one that answers."""
+        return ",".join(f"redis://127.0.0.1:{port}/0" for port in self.ports)
 
     def start_node(self, port: int) -> None:
         folder = self.directory / str(port)
@@ -126,7 +126,9 @@ class RedisCluster:
 
     def master_of(self, key: str) -> int:
         """The port of the master serving ``key``'s slot."""
-        client = redis.RedisCluster.from_url(self.url)
+        from models.store import redis_from_url
+
+        client = redis_from_url(self.url, cluster=True)
         try:
             return client.get_node_from_key(key).port
         finally:

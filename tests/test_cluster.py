@@ -88,8 +88,8 @@ def test_layout_groups_control_keys_and_spreads_users_and_events(cluster, cluste
     events = [LiveEvent(f"viewer-{n}", model.item_ids[n % 20], 1_700_000_000 + n, 600.0) for n in range(300)]
     ids = log.append(events)
     assert len(ids) == 300 and all(ids)
-    streams = keys_by_master(cluster, "{cl:events:*}")
-    assert all(any(k.startswith("{cl:events:") and not k.endswith(":fresh") for k in keys) for keys in streams.values())
+    streams = keys_by_master(cluster, "{cl:shard:*}:events")
+    assert all(len(keys) > 0 for keys in streams.values()), streams
     assert sum(stored_events(store).values()) == 300
     assert log.fresh_raw("viewer-7").decode().split("\t")[1] == model.item_ids[7]  # from the user's own shard
     assert log.fresh_users() == {f"viewer-{n}" for n in range(300)}
@@ -132,7 +132,7 @@ def test_job_service_and_events_run_on_the_cluster(cluster, cluster_store, demo_
     for user in users[:10]:  # the fresh overlay (read from the user's shard) excludes what was just watched
         items = [i["item_id"] for i in client.get(f"/recommend?user={user}&k=5").json["items"]]
         assert picks[user] not in items
-    shards = {store.keys.event_shard(u) for u in users}
+    shards = {store.keys.user_shard(u) for u in users}
     assert len(shards) > 4
 
     # The next night takes every shard's events exactly once, and with keep=1 compacts them into the archive.
@@ -174,6 +174,9 @@ def test_impressions_attribution_and_an_experiment_run_on_the_cluster(cluster, c
         assert client.post("/events", json={"user_id": user, "item_id": shown[0], "timestamp": now + 5}).status_code == 200
         arms[answer["arm"]] += 1
     assert set(arms) == {"control", "treatment"}
+    shown = keys_by_master(cluster, "{cl:shard:*}:shown:*")  # per-user keys: in every master's shards
+    assert all(len(keys) > 0 for keys in shown.values()) and sum(len(k) for k in shown.values()) == 60
+    assert not keys_by_master(cluster, "{cl}:shown:*")[cluster.master_of("{cl}:live")]
     status = experiments.status(store, experiments.current(store))
     assert {arm: a["impressions"] for arm, a in status["arms"].items()} == dict(arms)
     assert {arm: a["clicks"] for arm, a in status["arms"].items()} == dict(arms)
@@ -225,7 +228,7 @@ def test_an_event_no_replica_confirmed_is_not_reported_accepted(cluster, cluster
     })  # fmt: skip
     client = app.test_client()
     event = {"user_id": "stalled-viewer", "item_id": "t1", "timestamp": 1_700_000_000}
-    master = cluster.master_of(store.keys.events_stream_of(store.keys.event_shard("stalled-viewer")))
+    master = cluster.master_of(store.keys.events_stream_of(store.keys.user_shard("stalled-viewer")))
     replica = cluster.replica_of(master)
     assert client.post("/events", json=event).status_code == 200
     cluster.pause(replica)
@@ -276,7 +279,7 @@ def test_killing_a_master_under_load_loses_no_accepted_event(tmp_path, trained_d
                     continue
                 if status == 200:
                     accepted.extend(batch)
-                    touches = any(store.keys.event_shard(u) in on_victim for u, _, _ in batch)
+                    touches = any(store.keys.user_shard(u) in on_victim for u, _, _ in batch)
                     if killed_at and sent > killed_at[0] and touches and not first_ok_after_kill:  # sent after the kill
                         first_ok_after_kill.append(time.monotonic() - killed_at[0])
                 else:
