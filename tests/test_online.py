@@ -387,3 +387,39 @@ def test_an_oversized_impressions_body_is_413_and_nothing_is_stored(client, stor
     too_many = client.post("/impressions", json=[one] * 1001, headers=AUTH)
     assert too_many.status_code in (400, 413)
     assert store.redis.xlen(store.keys.impressions_stream) == 0
+
+
+def test_counts_summed_over_user_shards_equal_the_unsharded_counts(redis_client):
+    """The same impressions and viewings counted in one shard and spread over five give the same hourly
+    counts, users, totals and experiment sums: readers add up the shards (each user is in one)."""
+    from models.attribution import OnlineLog, Origin
+    from models.data import Impression, LiveEvent
+    from models.store import ModelStore
+
+    ids = RecommendationIds(b"k" * 32)
+    now = (int(time.time()) // 3600) * 3600 + 30
+    running = experiments.Experiment.from_record({
+        "id": "exp-1", "name": "e", "started_at": now, "salt": "s", "mde": 0.05, "status": "running", "control": "a",
+        "arms": {"a": {"version": "v1", "share": 0.5}, "b": {"version": "v2", "share": 0.5}},
+    })  # fmt: skip
+    results = {}
+    for shards in (1, 5):
+        store = ModelStore(redis_client, f"sh{shards}", shards=shards)
+        log = OnlineLog(store.redis, store.keys, ids)
+        shown, viewed = [], []
+        for n in range(80):
+            user, arm = f"u{n}", "a" if n % 2 else "b"
+            origin = Origin("v1" if arm == "a" else "v2", arm, "exp-1")
+            rid = ids.issue(origin.version, arm, "exp-1")
+            shown.append((Impression(user, rid, (f"t{n % 7}", f"t{n % 5}"), now + n), origin))
+            if n % 3:
+                viewed.append((LiveEvent(user, f"t{n % 7}", now + n + 60, 600.0), None, 0.5))
+        assert log.record(shown, "exp-1") == 80
+        credited, clicks = log.attribute(viewed, "exp-1")
+        hours = hourly(store.redis, store.keys, [("v1", "a"), ("v2", "b")], [now // 3600])
+        results[shards] = (credited, clicks, hours, totals(store.redis, store.keys), experiments.arm_sums(store, running))
+        if shards > 1:  # really spread: every shard holds some users' impressions
+            assert all(store.redis.xlen(store.keys.impressions_of(s)) > 0 for s in range(shards))
+    assert results[1] == results[5]
+    credited, clicks, hours, _, sums = results[1]
+    assert credited == clicks == 53 and hours[("v1", "a")][0]["users"] == 40 and sums["a"]["users"] == 40
