@@ -215,13 +215,15 @@ class EventLog:
                 ids[n] = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
         return ids
 
-    _REFUSED = (redis.exceptions.MovedError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)
+    # Answers that mean the script did not run: MOVED and ASK (a slot moved or moving; ASK is MOVED's base),
+    # CLUSTERDOWN, TRYAGAIN (a multi-key script during a slot migration).
+    _REFUSED = (redis.exceptions.AskError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)
 
     def _append_cluster(self, pending: dict[int, tuple[list[str], list]]) -> dict[int, list]:
         """Each shard's script on the master of its slot: one pipeline per master holding every shard it
         serves, then one WAIT on the same connection (the only way WAIT covers those writes).
 
-        A shard whose slot is refused (MOVED, CLUSTERDOWN, TRYAGAIN: its script did not run) or whose
+        A shard whose slot is refused (MOVED, ASK, CLUSTERDOWN, TRYAGAIN: its script did not run) or whose
         master lacks the script (NOSCRIPT, after a failover) is tried once more after refreshing the
         slot map; a lost connection is not retried (the scripts may have run). A master left without
         any replica (its own died, or it was just promoted by a failover) cannot be waited for: its

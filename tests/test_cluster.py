@@ -183,6 +183,8 @@ def test_impressions_attribution_and_an_experiment_run_on_the_cluster(cluster, c
     counts = hourly(store.redis, store.keys, [(second, "control"), (first, "treatment")], [now // 3600])
     assert counts[(second, "control")][0]["clicks"] == arms["control"]
     assert counts[(first, "treatment")][0]["users"] == arms["treatment"]
+    metrics = client.get("/metrics").get_data(as_text=True)  # the counters, summed over the shards
+    assert f'recs_online_clicks_total{{arm="control",version="{second}"}} {float(arms["control"])}' in metrics
     record = experiments.promote(store, "treatment")
     assert record["status"] == "promoted" and store.live_version() == first
     archived = compact_impressions(store.redis, store.keys, tmp_path / "archive", now=now + 2 * 86400)
