@@ -161,6 +161,17 @@ class RedisCluster:
     def resume(self, port: int) -> None:
         self.processes[port].send_signal(signal.SIGCONT)
 
+    def node_id(self, port: int) -> str:
+        return redis.Redis(port=port, socket_timeout=1, decode_responses=True).execute_command("CLUSTER MYID")
+
+    def reshard(self, source: int, target: int, slots: int) -> None:
+        """Move ``slots`` slots (and their keys) from the master on ``source`` to the one on ``target``."""
+        subprocess.run(
+            [self.cli, "--cluster", "reshard", f"127.0.0.1:{target}", "--cluster-from", self.node_id(source),
+             "--cluster-to", self.node_id(target), "--cluster-slots", str(slots), "--cluster-yes"],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+
     def kill(self, port: int) -> None:
         """SIGKILL one node (no shutdown, no AOF flush beyond what it already wrote)."""
         process = self.processes.pop(port)

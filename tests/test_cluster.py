@@ -244,8 +244,66 @@ def test_an_event_no_replica_confirmed_is_not_reported_accepted(cluster, cluster
     assert client.post("/events", json=event).status_code == 200
 
 
-def test_killing_a_master_under_load_loses_no_accepted_event(tmp_path, trained_demo, monkeypatch):
-    """SIGKILL the master of the most event shards while writers and readers run through gunicorn."""
+class Load:
+    """Writers posting 4-event batches of new users and readers asking /recommend, through gunicorn."""
+
+    def __init__(self, base: str, keys, users: list[str], titles: list[str], writers: int = 3, readers: int = 2):
+        self.base, self.keys, self.users, self.titles = base, keys, users, titles
+        self.accepted: list[tuple[str, str, int]] = []
+        self.refused: collections.Counter = collections.Counter()
+        self.reads: collections.Counter = collections.Counter()
+        self.watched: set[int] = set()  # shards whose first accepted write after ``since`` is timed
+        self.since: float | None = None
+        self.first_ok: list[float] = []
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self.write, args=(w,)) for w in range(writers)]
+        self.threads += [threading.Thread(target=self.read) for _ in range(readers)]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def write(self, worker: int) -> None:
+        n = 0
+        while not self.done.is_set():
+            batch = [(f"w{worker}-{n}-{k}", self.titles[(n + k) % len(self.titles)], 1_700_000_000 + n) for k in range(4)]
+            n += 1
+            sent = time.monotonic()
+            try:
+                status, _ = post_json(f"{self.base}/events", [{"user_id": u, "item_id": i, "timestamp": t} for u, i, t in batch], timeout=10)
+            except OSError as exc:
+                self.refused[type(exc).__name__] += 1
+                continue
+            if status == 200:
+                self.accepted.extend(batch)
+                touches = any(self.keys.user_shard(u) in self.watched for u, _, _ in batch)
+                if self.since is not None and sent > self.since and touches and not self.first_ok:
+                    self.first_ok.append(time.monotonic() - self.since)
+            else:
+                self.refused[status] += 1
+                time.sleep(0.05)
+
+    def read(self) -> None:
+        n = 0
+        while not self.done.is_set():
+            status, _ = get(f"{self.base}/recommend?user={self.users[n % len(self.users)]}&k=5", timeout=10)
+            self.reads[status] += 1
+            n += 1
+
+    def lost(self, nodes: RedisCluster, prefix: str) -> list:
+        counts = stored_events(ModelStore(redis_from_url(nodes.url), prefix))
+        return [event for event in self.accepted if counts[event] == 0]
+
+
+@pytest.fixture
+def served_cluster(tmp_path, trained_demo, monkeypatch):
+    """A cluster of its own (the tests below break it), a published model and gunicorn serving it."""
     nodes = RedisCluster(tmp_path / "nodes")
     (tmp_path / "nodes").mkdir()
     nodes.start()
@@ -255,73 +313,58 @@ def test_killing_a_master_under_load_loses_no_accepted_event(tmp_path, trained_d
         store = ModelStore(redis_from_url(nodes.url), "fo")
         store.publish(trained_demo.parts, trained_demo.meta)
         model = open_version(store, store.live_version(), tmp_path / "local")
-        readers_users, titles = model.user_ids[:20], model.item_ids[:50]
         process, base = start_gunicorn(nodes.url, "fo", tmp_path / "cache", workers=2, REDIS_CLUSTER="1")
-
-        owners = collections.Counter(nodes.master_of(store.keys.events_stream_of(s)) for s in range(store.keys.shards))
-        victim = owners.most_common(1)[0][0]
-        on_victim = {s for s in range(store.keys.shards) if nodes.master_of(store.keys.events_stream_of(s)) == victim}
-        accepted: list[tuple[str, str, int]] = []
-        refused = collections.Counter()
-        reads = collections.Counter()
-        first_ok_after_kill: list[float] = []
-        killed_at: list[float] = []
-        done = threading.Event()
-
-        def write(worker: int) -> None:
-            n = 0
-            while not done.is_set():
-                batch = [(f"w{worker}-{n}-{k}", titles[(n + k) % len(titles)], 1_700_000_000 + n) for k in range(4)]
-                n += 1
-                sent = time.monotonic()
-                try:
-                    status, body = post_json(f"{base}/events", [{"user_id": u, "item_id": i, "timestamp": t} for u, i, t in batch], timeout=10)
-                except OSError as exc:
-                    refused[type(exc).__name__] += 1
-                    continue
-                if status == 200:
-                    accepted.extend(batch)
-                    touches = any(store.keys.user_shard(u) in on_victim for u, _, _ in batch)
-                    if killed_at and sent > killed_at[0] and touches and not first_ok_after_kill:  # sent after the kill
-                        first_ok_after_kill.append(time.monotonic() - killed_at[0])
-                else:
-                    refused[status] += 1
-                    time.sleep(0.05)
-
-        def read() -> None:
-            n = 0
-            while not done.is_set():
-                status, _ = get(f"{base}/recommend?user={readers_users[n % len(readers_users)]}&k=5", timeout=10)
-                reads[status] += 1
-                n += 1
-
-        threads = [threading.Thread(target=write, args=(w,)) for w in range(3)] + [threading.Thread(target=read) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        time.sleep(3)
-        before = len(accepted)
-        killed_at.append(time.monotonic())
-        nodes.kill(victim)
-        failed_over = nodes.wait_failover(victim)  # its replica took over its slots
-        time.sleep(5)
-        done.set()
-        for thread in threads:
-            thread.join(30)
-        after = len(accepted) - before
-
-        recovered = f"{first_ok_after_kill[0]:.1f}s" if first_ok_after_kill else "never"
-        print(f"\nkilled {victim} (master of {len(on_victim)} of {store.keys.shards} event shards): failover in {failed_over:.1f}s, "
-              f"writes to its shards accepted again {recovered} after the kill; accepted {len(accepted)} events "
-              f"({before} before the kill), refused {dict(refused)}, reads {dict(reads)}")  # fmt: skip
-        assert before > 50 and after > 50
-        assert set(reads) == {200}, reads  # reads answered throughout (degraded while the slots moved)
-        assert first_ok_after_kill and first_ok_after_kill[0] < 15.0
-        counts = stored_events(ModelStore(redis_from_url(nodes.url), "fo"))
-        lost = [event for event in accepted if counts[event] == 0]
-        assert not lost, f"{len(lost)} of {len(accepted)} accepted events lost, e.g. {lost[:3]}"
+        yield nodes, store, base, model
         assert "Traceback" not in stop(process)
         process = None
     finally:
         if process is not None:
             stop(process)
         nodes.stop()
+
+
+def test_killing_a_master_under_load_loses_no_accepted_event(served_cluster):
+    """SIGKILL the master of the most event shards while writers and readers run through gunicorn."""
+    nodes, store, base, model = served_cluster
+    owners = {s: nodes.master_of(store.keys.events_stream_of(s)) for s in range(store.keys.shards)}
+    victim = collections.Counter(owners.values()).most_common(1)[0][0]
+    with Load(base, store.keys, model.user_ids[:20], model.item_ids[:50]) as load:
+        load.watched = {s for s, port in owners.items() if port == victim}
+        time.sleep(3)
+        before = len(load.accepted)
+        load.since = time.monotonic()
+        nodes.kill(victim)
+        failed_over = nodes.wait_failover(victim)  # its replica took over its slots
+        time.sleep(5)
+    after = len(load.accepted) - before
+    recovered = f"{load.first_ok[0]:.1f}s" if load.first_ok else "never"
+    print(f"\nkilled {victim} (master of {len(load.watched)} of {store.keys.shards} event shards): failover in {failed_over:.1f}s, "
+          f"writes to its shards accepted again {recovered} after the kill; accepted {len(load.accepted)} events "
+          f"({before} before the kill), refused {dict(load.refused)}, reads {dict(load.reads)}")  # fmt: skip
+    assert before > 50 and after > 50
+    assert set(load.reads) == {200}, load.reads  # reads answered throughout (degraded while the slots moved)
+    assert load.first_ok and load.first_ok[0] < 15.0
+    lost = load.lost(nodes, "fo")
+    assert not lost, f"{len(lost)} of {len(load.accepted)} accepted events lost, e.g. {lost[:3]}"
+
+
+def test_moving_slots_under_load_loses_no_accepted_event(served_cluster):
+    """An operator reshards (redis-cli --cluster reshard) while events flow: writes to moving slots are
+    refused or retried (MOVED, ASK, TRYAGAIN), never lost, and the moved shards take writes again."""
+    nodes, store, base, model = served_cluster
+    owners = {s: nodes.master_of(store.keys.events_stream_of(s)) for s in range(store.keys.shards)}
+    source = collections.Counter(owners.values()).most_common(1)[0][0]
+    target = next(port for port in nodes.masters() if port != source)
+    with Load(base, store.keys, model.user_ids[:20], model.item_ids[:50]) as load:
+        time.sleep(2)
+        before = len(load.accepted)
+        nodes.reshard(source, target, slots=5461)  # every slot of the source
+        load.watched = {s for s in owners if nodes.master_of(store.keys.events_stream_of(s)) == target and owners[s] == source}
+        load.since = time.monotonic()
+        time.sleep(3)
+    print(f"\nmoved {len(load.watched)} event shards from {source} to {target}: accepted {len(load.accepted)} ({before} before), "
+          f"refused {dict(load.refused)}, reads {dict(load.reads)}")  # fmt: skip
+    assert load.watched and load.first_ok, "the moved shards took no write after the move"
+    assert set(load.reads) == {200}, load.reads
+    lost = load.lost(nodes, "fo")
+    assert not lost, f"{len(lost)} of {len(load.accepted)} accepted events lost, e.g. {lost[:3]}"
