@@ -247,11 +247,15 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
     }
     if live_info is not None:
         meta["live_events"] = live_info  # goes live with the version, atomically (exactly-once)
+    if trained.user_store is not None:
+        meta["user_store"] = trained.user_store
     version = None
     if config.publish:
         report("publish", 0, 1)
         started = time.perf_counter()
-        version = store.publish(parts, meta, activate=config.activate, keep=config.keep, per_user=config.user_records)
+        version = store.publish(
+            parts, meta, activate=config.activate, keep=config.keep, version=trained.version, per_user=config.user_records
+        )
         timings["publish"] = time.perf_counter() - started
         meta["model_version"] = version
         if config.activate:
@@ -277,6 +281,10 @@ class Trained:
     titles_with_viewers: int
     trending: bytes  # the trending record (models.trending) of the events trained on
     engine: str
+    # An engine that wrote the per-user records itself (the Spark executors) names the version they were
+    # written under and their ``user_store``; the job publishes the item side under that version.
+    version: str | None = None
+    user_store: dict | None = None
 
 
 def train_implicit(config: NightlyConfig, events_spec: str, catalog: Catalog, timings: dict) -> Trained:

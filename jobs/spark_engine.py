@@ -89,6 +89,7 @@ from models.embeddings import (
 )  # fmt: skip
 from models.progress import report
 from models.recommender import Recommender
+from models.store import ModelStore, cluster_enabled, new_user_store, new_version_id, pack_user, redis_from_url
 from models.trending import record, trending_from_counts, window_edges
 
 log = logging.getLogger("jobs.spark_engine")
@@ -615,6 +616,62 @@ def user_side_parts(ranked, users, n_users: int, params: ModelParams) -> dict[st
     return parts
 
 
+def write_user_records(ranked, users, n_users: int, config: NightlyConfig, version: str) -> tuple[bytes, dict]:
+    """Each executor packs its users' records and writes them to Redis (``ModelStore.write_users``, pipelined;
+    on a cluster each record's bucket goes to its own master) under ``version``, before the driver publishes
+    the item side under the same id: the switch stays one pointer move, and the driver holds no
+    per-user arrays, only the ids (``users.json``). A retried task writes the same fields again.
+    Returns ``users.json`` and the version's ``user_store``.
+    """
+    started = time.perf_counter()
+    store = new_user_store(n_users)
+    url = config.redis_url or os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+    written = (
+        ranked.join(users, "user")
+        .mapInArrow(
+            partial(_write_records, url=url, cluster=cluster_enabled(), prefix=config.prefix, version=version, store=store),
+            "users long, bytes long",
+        )
+        .collect()
+    )
+    count = sum(row["users"] for row in written)
+    if count != n_users:
+        raise RuntimeError(f"spark: the executors wrote {count} user records, expected {n_users}")
+    store.update(users=count, bytes=sum(row["bytes"] for row in written), seconds=time.perf_counter() - started)
+    log.info("spark: %d user records written by the executors in %.1fs", count, store["seconds"])
+    ids = users.orderBy("user").select("user_id").toArrow().column("user_id").to_pylist()
+    return orjson.dumps(ids), store
+
+
+def _write_records(batches, url: str, cluster: bool, prefix: str, version: str, store: dict):
+    """(executor) Pack and write a partition's user records; yields how many and their bytes."""
+    target = ModelStore(redis_from_url(url, cluster=cluster), prefix)
+    users = size = 0
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            n = batch.num_rows
+            ids = batch.column("user_id").to_pylist()
+            history = batch.column("history_items")
+            offsets = history.offsets.to_numpy().astype(np.int64)
+            offsets -= offsets[0]  # a sliced batch: flatten() starts at its first list
+            items = history.flatten().to_numpy(zero_copy_only=False)
+            weights = batch.column("history_weights").flatten().to_numpy(zero_copy_only=False)
+            candidates = batch.column("candidates").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+            scores = batch.column("scores").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+            because = batch.column("because").flatten().to_numpy(zero_copy_only=False).reshape(n, candidates.shape[1], -1)
+            records = (
+                (str(ids[r]), pack_user(items[offsets[r] : offsets[r + 1]], weights[offsets[r] : offsets[r + 1]], candidates[r], scores[r], because[r]))
+                for r in range(n)
+            )  # fmt: skip
+            done = target.write_users(version, store, records)
+            users, size = users + done["users"], size + done["bytes"]
+    finally:
+        target.redis.close()
+    yield pa.RecordBatch.from_arrays([pa.array([users], pa.int64()), pa.array([size], pa.int64())], names=["users", "bytes"])
+
+
 # -- evaluation ---------------------------------------------------------------------------------
 
 
@@ -710,7 +767,14 @@ def train_spark(config: NightlyConfig, events_spec: str, catalog: Catalog, timin
 
         report("candidates", 0, 1)
         started = time.perf_counter()
-        parts.update(user_side_parts(rank_users(spark, model, parts, params), users, n_users, params))
+        ranked = rank_users(spark, model, parts, params)
+        version = user_store = None
+        if config.publish and config.user_records:  # the executors write the records; the driver never holds them
+            version = new_version_id()
+            ids, user_store = write_user_records(ranked, users, n_users, config, version)
+            parts["users.json"] = ids
+        else:
+            parts.update(user_side_parts(ranked, users, n_users, params))
         timings["candidates"] = time.perf_counter() - started
         log.info("spark: histories, candidates and reasons of %d users in %.1fs", n_users, timings["candidates"])
 
@@ -728,4 +792,5 @@ def train_spark(config: NightlyConfig, events_spec: str, catalog: Catalog, timin
             parts=parts, params=params, evaluation=evaluation, selection=selection, scaled=scaled,
             events_report=events_report, users=n_users, events=n_events,
             titles_with_viewers=int((model.viewers > 0).sum()), trending=trending, engine="spark",
+            version=version, user_store=user_store,
         )  # fmt: skip

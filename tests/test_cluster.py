@@ -148,6 +148,36 @@ def test_job_service_and_events_run_on_the_cluster(cluster, cluster_store, demo_
     assert sum(pq.read_metadata(f).num_rows for f in files) == 40
 
 
+def test_the_spark_engine_writes_user_records_into_the_cluster(cluster, cluster_store, demo_files, tmp_path):
+    """--engine spark on local[2] with REDIS_CLUSTER=1: the executors write every user's record to the
+    masters of its bucket; the service serves the version."""
+    import subprocess
+
+    from tests.helpers import nightly_command
+    from tests.test_spark import REPO, spark_env
+
+    env = spark_env(REDIS_URL=cluster.url, REDIS_CLUSTER="1", SPARK_LOG=str(tmp_path / "spark.log"))
+    run = subprocess.run(
+        nightly_command(demo_files["events"], demo_files["catalog"], "--engine", "spark", "--prefix", "cl", "--no-eval", "--n-trees", "5"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "user records written by the executors" in run.stderr
+    store = cluster_store
+    version = store.live_version()
+    meta = store.meta(version)
+    assert meta["engine"] == "spark" and store.count_users(version, meta["user_store"]) == meta["counts"]["users"] == 600
+    buckets = keys_by_master(cluster, f"cl:version:{version}:users:*")
+    assert all(len(keys) > 0 for keys in buckets.values())
+    app = create_app({
+        "REDIS_URL": cluster.url, "REDIS_PREFIX": "cl", "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_WATCHER": False, "TESTING": True,
+    })  # fmt: skip
+    model = app.extensions["live_model"].current
+    body = app.test_client().get(f"/recommend?user={model.user_ids[0]}&k=5").json
+    assert body["model_version"] == version and body["strategy"] == "personalized" and len(body["items"]) == 5
+
+
 def test_impressions_attribution_and_an_experiment_run_on_the_cluster(cluster, cluster_store, trained_demo, tmp_path):
     """The online path's scripts and transactions find their keys in one slot: impressions, credited
     viewings, an experiment's per-arm sums, promotion, and the impressions' compaction."""

@@ -142,6 +142,7 @@ def test_spark_job_publishes_a_version_the_service_serves(redis_server, redis_cl
     )  # fmt: skip
     assert spark_run.returncode == 0, spark_run.stdout + spark_run.stderr
     assert "spark: ALS" in spark_run.stderr
+    assert re.search(r"spark: \d+ user records written by the executors", spark_run.stderr)  # not collected by the driver
     # Spark's console noise (log4j lines, the JVM's banner, py4j) is in SPARK_LOG, not in the job's output.
     assert not re.search(r"\d\d/\d\d/\d\d \d\d:\d\d:\d\d (WARN|INFO|ERROR) ", spark_run.stderr)
     assert "log4j" not in spark_run.stderr and "py4j" not in spark_run.stderr
