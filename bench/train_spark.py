@@ -49,13 +49,17 @@ def tree_rss(pid: int) -> dict[str, int]:
     return out
 
 
-def run_job(engine: str, data: dict, evaluate: bool) -> dict:
+def run_job(engine: str, data: dict, evaluate: bool, redis_url: str | None = None) -> dict:
+    """One job; ``redis_url``: publish there (per-user records: Spark's executors write them), else ``--dry-run``."""
     cmd = [sys.executable, "-m", "jobs.nightly", "--events", str(data["events"]), "--catalog", str(data["catalog"]),
-           "--dry-run", "--quiet", "--engine", engine]  # fmt: skip
+           "--quiet", "--engine", engine]  # fmt: skip
+    cmd += ["--prefix", f"bench-{engine}"] if redis_url else ["--dry-run"]
     if not evaluate:
         cmd.append("--no-eval")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TEXT_EMBEDDINGS="0", SPARK_MASTER="local[2]",
                SPARK_DRIVER_MEMORY=os.environ.get("SPARK_DRIVER_MEMORY", "8g"))  # fmt: skip
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     started = time.perf_counter()
     process = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     peaks: dict[str, int] = {}
@@ -86,7 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", default=",".join(map(str, SIZES)), help="comma-separated event counts")
     parser.add_argument("--no-eval", action="store_true", help="train and rank only (no selection or holdout)")
     parser.add_argument("--engines", default="implicit,spark")
+    parser.add_argument("--publish", action="store_true", help="publish to a redis-server started here (the executors "
+                        "write the per-user records) instead of --dry-run (the driver collects the per-user parts)")
     args = parser.parse_args(argv)
+    if args.publish:
+        import tempfile
+
+        from harness import RedisServer
+
+        with tempfile.TemporaryDirectory(prefix="bench-train-spark-") as tmp, RedisServer(Path(tmp)) as server:
+            return run_all(args, server.url)
+    return run_all(args, None)
+
+
+def run_all(args, redis_url: str | None) -> int:
     print(f"machine: {machine()}", flush=True)
     engines = args.engines.split(",")
     rows = []
@@ -95,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         data = demo_data(users, items, events, 11)
         for engine in engines:
             print(f"{events:,} events ({users:,} users, {items:,} titles): {engine} ...", flush=True)
-            result = run_job(engine, data, not args.no_eval)
+            result = run_job(engine, data, not args.no_eval, redis_url)
             rows.append((events, engine, result))
             steps = ", ".join(f"{k} {float(v):.1f}s" for k, v in result["timings"].items())
             print(
