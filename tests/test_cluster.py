@@ -1,9 +1,11 @@
 """Redis Cluster (``REDIS_CLUSTER=1``): a real cluster of 3 masters and 3 replicas (tests/cluster.py).
 
 The key layout keeps every script's and transaction's keys in one slot and
-spreads per-user records and event shards over every master; the nightly job,
-the service and ``POST /events`` run on it unchanged; and a master killed
-under load fails over with reads answering throughout and no accepted event lost.
+spreads per-user records and user shards over every master; both engines'
+nightly jobs, the service, ``POST /events``, the online path and the
+dashboard run on it unchanged; a stalled replica turns writes away rather
+than confirm what it does not hold; and a master killed (or resharded) under
+load loses no accepted event while reads keep answering.
 """
 
 from __future__ import annotations
