@@ -281,10 +281,9 @@ def event_shards(cluster: bool) -> int:
     raw = os.environ.get("EVENT_SHARDS", "").strip()
     if not raw:
         return 16 if cluster else 1
-    shards = int(raw)
-    if not 1 <= shards <= 1024:
-        raise ValueError(f"EVENT_SHARDS={raw}: use 1 to 1024")
-    return shards
+    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+        raise ValueError(f"EVENT_SHARDS={raw!r}: use a whole number from 1 to 1024")
+    return int(raw)
 
 
 @dataclass
