@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,14 @@ def test_a_record_without_stored_reasons_is_explained_live():
     assert record.because is None and record.candidates.tolist() == [5, 7]
     record = unpack_user(pack_user(items, weights, candidates, scores, np.array([[0, 255], [1, 0], [255, 255]], np.uint8)), 10)
     assert record.because.tolist() == [[0, 255], [1, 0]]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "2000", "1.5"])
+def test_a_bad_event_shards_setting_is_refused_with_its_value(monkeypatch, value):
+    from models.store import event_shards
+
+    monkeypatch.setenv("EVENT_SHARDS", value)
+    with pytest.raises(ValueError, match=f"EVENT_SHARDS='{re.escape(value)}': use a whole number from 1 to 1024"):
+        event_shards(cluster=False)
+    monkeypatch.setenv("EVENT_SHARDS", "")
+    assert event_shards(cluster=False) == 1 and event_shards(cluster=True) == 16
