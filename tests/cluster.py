@@ -179,8 +179,15 @@ class RedisCluster:
         process.wait(10)
 
     def stop(self) -> None:
+        """SIGTERM every node; one still up after 15 s is killed (a master waits up to its
+        ``shutdown-timeout``, 10 s, for a lagging replica, e.g. right after a reshard)."""
         for process in self.processes.values():
             process.terminate()
+        deadline = time.monotonic() + 15
         for process in self.processes.values():
-            process.wait(10)
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
         self.processes.clear()
