@@ -98,8 +98,6 @@ def measure(args, wrk: str, redis_url: str, env: dict, tmp: Path, users: Path, t
 
 def failover(nodes: RedisCluster, redis_url: str, env: dict, tmp: Path, titles: list[str]) -> str:
     """Kill the master of the most event shards under writers; seconds to failover and to accepted writes."""
-    import redis
-
     from models.store import ModelStore, redis_from_url
     from tests.helpers import post_json
 
@@ -140,7 +138,6 @@ def failover(nodes: RedisCluster, redis_url: str, env: dict, tmp: Path, titles: 
             thread.join(20)
         process.terminate()
         process.wait(30)
-    del redis
     recovered = f"{first_ok[0]:.1f} s" if first_ok else "not within 5 s"
     return (f"failover: killed the master of {len(moved)} of {store.keys.shards} event shards; its replica served its slots "
             f"after {seconds:.1f} s; writes to those shards accepted again {recovered} after the kill; answers {dict(results)}")  # fmt: skip

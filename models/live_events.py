@@ -122,13 +122,12 @@ def consumed_through(meta: dict | None, shard: int = 0) -> str:
 
 # On a cluster, an append is confirmed only once this many replicas have it (WAIT): a master that
 # dies right after answering cannot take an accepted event with it when its replica takes over.
-WAIT_REPLICAS_DEFAULT = {False: 0, True: 1}
 WAIT_MS = int(os.environ.get("EVENTS_WAIT_MS", "1000"))
 
 
 def wait_replicas(cluster: bool) -> int:
     raw = os.environ.get("EVENTS_WAIT_REPLICAS", "").strip()
-    return int(raw) if raw else WAIT_REPLICAS_DEFAULT[cluster]
+    return int(raw) if raw else int(cluster)  # default: one replica on a cluster, none on one node
 
 
 LONELY_RECHECK_SECONDS = 5.0

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.conftest import wait_until_answering
+
 NODE_TIMEOUT_MS = 1000
 
 
@@ -68,16 +70,7 @@ class RedisCluster:
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until_answering(port)
 
     def start(self) -> None:
         for port in self.ports:

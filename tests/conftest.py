@@ -27,6 +27,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_answering(port: int, timeout: float = 10.0) -> None:
+    """Until the redis-server on ``port`` answers PING (ConnectionError after ``timeout`` seconds)."""
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
 class RedisServer:
     """A redis-server process owned by the test session (AOF on, like the demo)."""
 
@@ -54,16 +71,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until_answering(self.port)
 
     def stop(self) -> None:
         if self.process is not None:
