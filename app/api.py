@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 
 from app.errors import ApiError, json_response
 from app.online import stamp
@@ -44,6 +44,10 @@ _BODY_TYPES = {
     "user": str, "k": int, "genre": list, "kind": str, "year_min": int, "year_max": int,
     "max_maturity": int, "region": str, "exclude": list, "diversity": float,
 }  # fmt: skip
+
+
+NO_FILTERS = Filters()
+_NOT_FILTERS = {"user", "item", "k", "diversity"}
 
 
 class Query:
@@ -144,6 +148,8 @@ class Query:
 
     def filters(self, model: Recommender, max_exclude: int) -> tuple[Filters, set[int]]:
         """The request's filters (checked against the catalogue: 400 naming valid values) and exclusions."""
+        if not self.values.keys() - _NOT_FILTERS:  # the common request: no filter, nothing excluded
+            return NO_FILTERS, set()
         kind = self.one("kind")
         region = self.one("region")
         for name, value in (("kind", kind), ("region", region)):
@@ -173,7 +179,7 @@ def scored_items(model: Recommender, recs) -> list[dict]:
             "item_id": ids[r.item],
             "title": titles[r.item],
             "score": round(r.score, 6),
-            "because": [{"item_id": ids[b], "title": titles[b]} for b in r.because],
+            "because": [{"item_id": ids[b], "title": titles[b]} for b in r.because] if r.because else [],
         }
         for r in recs
     ]
@@ -189,6 +195,7 @@ def recommend_answer(query: Query, max_exclude: int):
     pool = k if diversity == 0 else min(DIVERSITY_POOL * k, MAX_K * DIVERSITY_POOL)
     strategy, recs = model.recommend(user, pool, fresh_items, fresh_weights, filters=filters, exclude=exclude)
     recs = model.diversify(recs, k, diversity)
+    g.strategy = strategy  # counted by app.metrics
     body = {"user": user, "strategy": strategy, "items": scored_items(model, recs)}
     return json_response(stamp(body, model.version, arm, experiment))
 

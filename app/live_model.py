@@ -37,9 +37,10 @@ def _request_records() -> dict | None:
     """This request's user records by (version, user id); None outside a request (no caching)."""
     if not has_request_context():
         return None
-    if "user_records" not in g:
-        g.user_records = {}
-    return g.user_records
+    memo = g.get("user_records")
+    if memo is None:
+        memo = g.user_records = {}
+    return memo
 
 
 # After a failed overlay read, requests skip Redis for this long (no connect timeout per request).
@@ -121,14 +122,20 @@ class LiveModel:
         if not (want_user or want_fresh) or time.monotonic() < self._fresh_retry_at:
             return None, None
         client = self.events.redis if self.events is not None else self.store.redis  # short timeouts
-        pipe = client.pipeline(transaction=False)
+        reads = []
         if want_user:
-            pipe.hget(*self.store.user_address(model.version, model.user_store, user_id))
+            reads.append(self.store.user_address(model.version, model.user_store, user_id))
         if want_fresh:
             keys = self.store.keys
-            pipe.hget(keys.fresh_of(keys.user_shard(user_id)), user_id)
+            reads.append((keys.fresh_of(keys.user_shard(user_id)), user_id))
         try:
-            found = pipe.execute()
+            if len(reads) == 1:  # most requests (no fresh events): one command costs less than a pipeline
+                found = [client.hget(*reads[0])]
+            else:
+                pipe = client.pipeline(transaction=False)
+                for key, field in reads:
+                    pipe.hget(key, field)
+                found = pipe.execute()
         except redis.RedisError as exc:
             self._fresh_retry_at = time.monotonic() + FRESH_RETRY_SECONDS
             self._mark_redis_down(exc)

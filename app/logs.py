@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import hmac
 import logging
 import os
@@ -41,7 +40,7 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 
 
 def hashed_user(user_id: str) -> str:
-    return "h:" + hmac.new(_HASH_KEY, user_id.encode(), hashlib.sha256).hexdigest()[:12]
+    return "h:" + hmac.digest(_HASH_KEY, user_id.encode(), "sha256").hex()[:12]
 
 
 def loggable_query(query: str) -> str:

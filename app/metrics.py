@@ -35,7 +35,6 @@ import threading
 import time
 from collections import deque
 
-import orjson
 import redis
 from flask import Flask, Response, current_app, g, request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -88,11 +87,9 @@ def _observe(response: Response) -> Response:
     LATENCY.labels(endpoint).observe(time.perf_counter() - started)
     if response.status_code >= 500:
         ERRORS.labels(endpoint).inc()
-    if endpoint == "/recommend" and response.status_code == 200 and response.mimetype == "application/json":
-        # Read from the answer itself, so the API code carries no metrics calls.
-        strategy = orjson.loads(response.get_data()).get("strategy")
-        if isinstance(strategy, str) and len(strategy) <= 32:
-            RECOMMENDATIONS.labels(strategy).inc()
+    strategy = g.get("strategy")  # set by /recommend's answer (app.api.recommend_answer)
+    if strategy is not None and response.status_code == 200:
+        RECOMMENDATIONS.labels(strategy).inc()
     return response
 
 

@@ -95,7 +95,7 @@ class RecommendationIds:
         return hmac.new(self.secret, b"user\0" + user_id.encode(), hashlib.sha256).hexdigest()[:24]
 
     def _sign(self, body: str) -> bytes:
-        return hmac.new(self.secret, body.encode(), hashlib.sha256).digest()[:16]
+        return hmac.digest(self.secret, body.encode(), "sha256")[:16]
 
 
 def _b64(data: bytes) -> str:

@@ -29,6 +29,7 @@ service, :mod:`app.live_model`), so a worker's memory does not grow with users.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import threading
@@ -392,8 +393,8 @@ class Recommender:
         because = record.because[keep]
         if because.dtype != np.uint8:  # versions before history positions stored the titles
             return [[t for t in pair if t >= 0] for pair in because.tolist()]
-        history = record.items.tolist()
-        return [[history[p] for p in pair if p != NO_REASON] for pair in because.tolist()]
+        history = record.items
+        return [[int(history[p]) for p in pair if p != NO_REASON] for pair in because.tolist()]
 
     def because_rows(self, recommended: np.ndarray, history: np.ndarray, limit: int = 2) -> np.ndarray:
         """:meth:`because` for many users: [n, k] titles and [n, h] histories (-1 = none) -> [n, k, limit]
@@ -450,9 +451,8 @@ class Recommender:
             items, weights = merge_history(fresh_items, fresh_weights, items, weights)
         if len(items) == 0:
             return "popular", self.popular_items(k, exclude=exclude, eligible=eligible)
-        seen = set(int(i) for i in items)
         if self.meta.get("ranking") == "popularity":  # a popularity-only baseline (models.experiments.publish_baseline)
-            return "popular", self.popular_items(k, exclude=seen | exclude, eligible=eligible)
+            return "popular", self.popular_items(k, exclude=set(items.tolist()) | exclude, eligible=eligible)
         fresh = fresh_items is not None and len(fresh_items) > 0
         picked, reasons = None, None
         published = None if fresh else self.published_top(record, k, eligible, exclude)
@@ -460,6 +460,7 @@ class Recommender:
             keep, picked = published
             if record.because is not None:
                 reasons = self.candidate_reasons(record, keep)
+        seen = set(items.tolist()) if picked is None or len(picked) < k else set()  # only ranking and top-ups need it
         if picked is None:
             picked = self.ranked(items, weights, k, eligible, seen | exclude)
         if not picked:
@@ -483,14 +484,19 @@ class Recommender:
         record = self.user(user)
         if record is None or len(record.candidates) == 0:
             return None
-        cands = record.candidates.tolist()
-        keep = [n for n, i in enumerate(cands) if i >= 0 and eligible[i] and i not in exclude]
+        cands = record.candidates
+        real = cands >= 0  # -1 pads the lists of versions with per-user parts
+        ok = real.copy()
+        ok[real] = eligible[cands[real]]
+        keep = np.flatnonzero(ok).tolist()
+        if exclude:  # a few hundred set lookups: cheaper than np.isin on arrays this small
+            titles = cands.tolist()
+            keep = [n for n in keep if titles[n] not in exclude]
         # Fewer than k is still the whole answer when the list is not full (the user has seen nearly everything).
-        if len(keep) < k and (len(keep) != sum(i >= 0 for i in cands) or k > len(cands)):
+        if len(keep) < k and (len(keep) != np.count_nonzero(real) or k > len(cands)):
             return None
         keep = keep[:k]
-        scores = record.scores
-        return keep, [(cands[n], float(scores[n])) for n in keep]
+        return keep, list(zip(cands[keep].tolist(), record.scores[keep].tolist()))
 
     def ranked(
         self,
@@ -564,13 +570,18 @@ class Recommender:
 
     def popular_items(self, k: int, exclude: set[int], eligible: np.ndarray | None = None) -> list[Recommendation]:
         """The most popular titles (then, past the published popular list, the highest-norm vectors)."""
-        out = []
-        for rank, item in enumerate(self.popular.tolist()):
-            if item in exclude or (eligible is not None and not eligible[item]):
-                continue
-            out.append(Recommendation(item, float(1.0 / (1 + rank)), []))
+        out, popular = [], self.popular
+        n = min(len(popular), 2 * (k + len(exclude)) + 32)  # a head that usually holds k: looked at in one go
+        while True:
+            head = popular[:n]
+            ranks = np.flatnonzero(eligible[head]) if eligible is not None else np.arange(len(head))
+            found = ((rank, item) for rank, item in zip(ranks.tolist(), head[ranks].tolist()) if item not in exclude)
+            out = [Recommendation(item, 1.0 / (1 + rank), []) for rank, item in itertools.islice(found, k)]
             if len(out) == k:
                 return out
+            if n == len(popular):
+                break
+            n = min(len(popular), 4 * n)
         if eligible is not None and len(out) < k and len(self.popular) < self.n_items:
             taken = exclude | {r.item for r in out} | set(self.popular.tolist())
             rest = np.flatnonzero(eligible)
@@ -591,11 +602,13 @@ class Recommender:
         if diversity <= 0 or len(picked) <= 1:
             return picked[:k]
         n = len(picked)
-        scores = np.fromiter((p.score for p in picked), np.float64, n)
-        low, spread = scores.min(), scores.max() - scores.min()
-        gain = (1 - diversity) * ((scores - low) / spread if spread > 0 else np.ones(n))  # a taken title's: -inf
-        unit = self._unit[np.fromiter((p.item for p in picked), np.int64, n)]
-        penalty = diversity * (unit @ unit.T).astype(np.float64)
+        scores = [p.score for p in picked]
+        low, high = min(scores), max(scores)
+        gain = np.array(scores)  # relevance rescaled to [0, 1], x (1 - diversity); a taken title's: -inf
+        gain = (gain - low) * ((1 - diversity) / (high - low)) if high > low else np.full(n, 1.0 - diversity)
+        unit = self._unit[[p.item for p in picked]]
+        penalty = (unit @ unit.T).astype(np.float64)
+        penalty *= diversity
         best = int(gain.argmax())  # nothing is taken yet: relevance alone
         chosen, closest, step = [best], penalty[best].copy(), np.empty(n)
         gain[best] = -np.inf
@@ -613,11 +626,10 @@ class Recommender:
         exclude = exclude or set()
         if k + 1 <= NEIGHBOURS:
             found, cosine = self.neighbours(item)
-            out = [
-                (i, c)
-                for i, c in zip(found.tolist(), cosine.tolist())
-                if i != item and i not in exclude and (eligible is None or eligible[i])
-            ][:k]
+            keep = found != item
+            if eligible is not None:
+                keep &= eligible[found]
+            out = [(i, c) for i, c in zip(found[keep].tolist(), cosine[keep].tolist()) if i not in exclude][:k]
             if len(out) == k or len(found) < NEIGHBOURS:
                 return out
         n = max(k + 1 + len(exclude), 10 * NEIGHBOURS)  # the cached list was not enough: search wider

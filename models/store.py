@@ -173,11 +173,11 @@ def unpack_user(raw: bytes, n_items: int) -> UserRecord:
     scores = np.frombuffer(raw, "<f4", n_candidates, at + 4 * n_candidates)
     because = np.frombuffer(raw, np.uint8, n_candidates * reasons, at + 8 * n_candidates).reshape(n_candidates, reasons)
     for name, titles in (("history", items), ("candidate", candidates)):
-        if len(titles) and (titles.min() < 0 or titles.max() >= n_items):
+        if len(titles) and titles.view("<u4").max() >= n_items:  # unsigned: a negative title is huge
             raise CorruptUser(f"{name} title outside the catalogue of {n_items}")
-    if because.size and ((because >= n_history) & (because != NO_REASON)).any():
+    if because.size and n_history < NO_REASON and ((because >= n_history) & (because != NO_REASON)).any():
         raise CorruptUser("a reason points past the history")
-    if not (np.isfinite(weights).all() and np.isfinite(scores).all()):
+    if not (np.isfinite(weights.sum()) and np.isfinite(scores.sum())):  # a sum is finite only if every term is
         raise CorruptUser("a weight or score is not finite")
     return UserRecord(items, weights, candidates, scores, because if reasons else None)  # None: explained live
 
