@@ -22,6 +22,7 @@ keepalive = 2  # seconds an idle keep-alive connection is kept (in the poller, n
 preload_app = False
 # Each worker loads the query encoder of GET /search in the background as it starts (app/search.py).
 os.environ.setdefault("SEARCH_ENCODER", "preload")
+os.environ.setdefault("GC_FREEZE", "1")  # long-lived objects out of the collector's walks (app.heap)
 # JSON lines (app/logs.py): one access line per request (status, latency, request id; user ids hashed)
 # on stdout, gunicorn's and the app's own lines on stderr. GUNICORN_ACCESSLOG=off turns access lines off.
 accesslog = None if os.environ.get("GUNICORN_ACCESSLOG") == "off" else os.environ.get("GUNICORN_ACCESSLOG", "-")

@@ -14,6 +14,7 @@ Configuration comes from the environment (defaults work on a laptop):
 ``ADMIN_TOKEN``          secret that signs operators in to /admin (unset: the dashboard is off)
 ``SECRET_KEY``           signs session cookies (default: derived from ADMIN_TOKEN, see app.admin)
 ``SEARCH_ENCODER``       preload | lazy | off: when a worker loads the query encoder of GET /search (lazy)
+``GC_FREEZE``            1: collect and freeze the heap after loading a version or the encoder (app.heap; gunicorn.conf.py: 1)
 ``ONLINE_SECRET``        signs recommendation ids (default: one random secret kept in Redis)
 ``ATTRIBUTION_WINDOW``   seconds after an impression in which a viewing is credited to it (86400)
 ``PROMETHEUS_MULTIPROC_DIR`` where gunicorn workers pool their metrics (see app.metrics)

@@ -24,6 +24,7 @@ import orjson
 import redis
 from flask import g, has_request_context
 
+from app import heap
 from app.metrics import LOAD_FAILURES, MODEL_FALLBACK
 from models.experiments import Experiment
 from models.live_events import EventLog, fresh_overlay
@@ -188,6 +189,7 @@ class LiveModel:
             log.error("%s; serving the live version to everyone (next try in %.0f s)", self.experiment_error, RETRY_MAX_SECONDS)
             return
         self.running, self.experiment_error = Running(experiment, opened), None
+        heap.settle(f"opening experiment {experiment.name}")
         log.info("serving experiment %s: %s", experiment.name, {a: s["version"] for a, s in experiment.arms.items()})
 
     def refresh(self) -> bool:
@@ -251,6 +253,8 @@ class LiveModel:
         self.last_error = None
         log.info("serving model version %s (was %s)", model.version, previous.version if previous else None)
         self._forget_old_copies()
+        del previous
+        heap.settle(f"opening version {model.version}")
 
     def _ensure_fallback(self, live: str) -> bool:
         """Load the newest kept version that verifies (never ``live``, rejected or corrupt ones)."""

@@ -30,6 +30,7 @@ from collections import OrderedDict
 import numpy as np
 from flask import Blueprint, Flask, current_app
 
+from app import heap
 from app.api import MAX_EXCLUDE_QUERY, Query, live_model, serving_for
 from app.errors import ApiError, json_response
 from app.online import stamp
@@ -63,6 +64,7 @@ class QueryEncoder:
     def _load(self) -> None:
         try:
             self.encoder = shared_encoder()
+            heap.settle("loading the search encoder")
         except Exception as exc:  # a missing package or weights that do not verify: search stays off, loudly
             self.error = f"the search encoder cannot run: {exc}"
             log.error(self.error)

@@ -163,6 +163,26 @@ def test_switches_to_a_newly_published_version(client, store, trained_demo):
     assert client.get("/version").get_json()["model_version"] == newer != before
 
 
+def test_gc_freeze_keeps_the_model_out_of_collections_and_frees_the_old_one(client, store, trained_demo, monkeypatch):
+    """GC_FREEZE=1 (gunicorn.conf.py): after a switch the new version's objects are frozen, so a
+    collection does not walk them, and the version it replaced is freed, not frozen with it."""
+    import gc
+    import weakref
+
+    monkeypatch.setenv("GC_FREEZE", "1")
+    live = client.application.extensions["live_model"]
+    old = weakref.ref(live.current)
+    try:
+        store.publish(trained_demo.parts, trained_demo.meta)
+        assert live.refresh() is True
+        assert client.get(f"/recommend?user={live.current.user_ids[0]}").status_code == 200
+        assert gc.get_freeze_count() > 0
+        assert not any(o is live.current.item_index for o in gc.get_objects())  # frozen: not walked
+        assert old() is None  # the replaced version (a cycle through its read_user) was collected
+    finally:
+        gc.unfreeze()
+
+
 def test_corrupt_version_is_refused_and_previous_keeps_serving(client, store, trained_demo):
     good = client.get("/version").get_json()["model_version"]
     bad = store.write_version(trained_demo.parts, trained_demo.meta)
