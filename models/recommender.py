@@ -604,19 +604,19 @@ class Recommender:
         n = len(picked)
         scores = [p.score for p in picked]
         low, high = min(scores), max(scores)
-        gain = np.array(scores)  # relevance rescaled to [0, 1], x (1 - diversity); a taken title's: -inf
+        gain = np.array(scores)  # relevance rescaled to [0, 1], x (1 - diversity)
         gain = (gain - low) * ((1 - diversity) / (high - low)) if high > low else np.full(n, 1.0 - diversity)
         unit = self._unit[[p.item for p in picked]]
-        penalty = (unit @ unit.T).astype(np.float64)
-        penalty *= diversity
+        # after[j, i]: title i's value once j is taken. A title's value is its gain minus diversity x its
+        # highest cosine to the taken ones, i.e. the minimum of after[j, i] over the taken j.
+        after = gain - diversity * (unit @ unit.T).astype(np.float64)
+        np.fill_diagonal(after, -np.inf)  # a taken title is not taken again
         best = int(gain.argmax())  # nothing is taken yet: relevance alone
-        chosen, closest, step = [best], penalty[best].copy(), np.empty(n)
-        gain[best] = -np.inf
-        for _ in range(min(k, n) - 1):  # three small numpy calls a step: a row costs ~30 us
-            best = int(np.subtract(gain, closest, out=step).argmax())
+        chosen, value = [best], after[best].copy()
+        for _ in range(min(k, n) - 1):  # two small numpy calls a step
+            best = int(value.argmax())
             chosen.append(best)
-            gain[best] = -np.inf
-            np.maximum(closest, penalty[best], out=closest)  # each title's highest cosine to a taken one, x diversity
+            np.minimum(value, after[best], out=value)
         return [picked[i] for i in chosen]
 
     def similar(

@@ -212,6 +212,37 @@ def test_diversity_makes_lists_less_alike_and_is_checked(client):
         assert client.get(f"/recommend?user={users[0]}&diversity={bad}").status_code == 400
 
 
+def test_diversify_is_maximal_marginal_relevance(trained_demo, tmp_path):
+    """Each title the vectorised MMR takes has the highest marginal value of the textbook definition
+    at its step (within float rounding), on the demo model's vectors."""
+    import numpy as np
+
+    from models.build import open_parts
+    from models.recommender import Recommendation
+
+    model = open_parts(trained_demo.parts, trained_demo.meta, tmp_path)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n, k = int(rng.integers(2, 31)), int(rng.integers(1, 12))
+        items = rng.choice(model.n_items, n, replace=False).tolist()
+        scores = np.sort(rng.random(n))[::-1].tolist()
+        picked = [Recommendation(i, s, []) for i, s in zip(items, scores)]
+        relevance = [(s - min(scores)) / (max(scores) - min(scores)) for s in scores]
+        for diversity in (0.3, 0.6, 1.0):
+            taken = [items.index(p.item) for p in model.diversify(picked, k, diversity)]
+            assert len(taken) == min(k, n) == len(set(taken))
+            assert relevance[taken[0]] == 1.0  # nothing taken yet: the most relevant title
+            for step in range(1, len(taken)):
+                before = taken[:step]
+                value = {
+                    i: (1 - diversity) * relevance[i]
+                    - diversity * max(float(model._unit[items[i]] @ model._unit[items[j]]) for j in before)
+                    for i in range(n) if i not in before
+                }  # fmt: skip
+                assert value[taken[step]] >= max(value.values()) - 1e-6
+    assert model.diversify(picked, 5, 0.0) == picked[:5]
+
+
 def test_rule_masks_are_cached_but_bounded():
     from models.rules import MASK_CACHE, CatalogRules, Filters
 
