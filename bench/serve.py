@@ -313,6 +313,10 @@ def report(variant: dict, result: dict, page_label: str) -> bool:
             f"  {label}: ratio to /healthz {ratio:.2f} (target >= {target_ratio}); p99 {r['p99_ms']:.1f} ms "
             f"(median round; target <= {target_p99:.0f}); errors {r['errors']} -> {'MEETS' if ok else 'MISSES'}"
         )
+        # How noisy the verdict is: each round against the /healthz round just before it, and the
+        # workers' CPU per request (which does not depend on what else the machine is doing).
+        per_round = " ".join(f"{x / y:.2f}" for x, y in zip(r["rps_rounds"], h["rps_rounds"]))
+        print(f"    per round: {per_round}; worker CPU per request /healthz / this: {h['cpu_us'] / r['cpu_us']:.2f}")
     for pid, mem in result["memory"].items():
         print(
             f"  worker {pid}: RSS {mb(mem.get('rss', 0))}, PSS {mb(mem.get('pss', 0))} "
