@@ -102,19 +102,16 @@ def strict_baseline(events_path: str, factors: int, iterations: int) -> dict:
     return {"load": load, "matrix": matrix, "als": time.perf_counter() - started, "events": len(user_codes), "nnz": counts.nnz}
 
 
-def warm_text_cache(catalog_path: Path, env: dict) -> None:
+def warm_text_cache(catalog_path: str) -> dict:
     """Encode the catalogue's synopses into the job's cache (``TEXT_CACHE``) before the timed run, as an
     earlier night would have: the measured job is then a nightly re-run (new or changed titles only)."""
-    script = (
-        "import sys, time; from models.data import load_catalog; from jobs.nightly import embed_catalog; "
-        "started = time.perf_counter(); catalog, _ = load_catalog(sys.argv[1]); _, stats = embed_catalog(catalog, None, False); "
-        "print(f\"text cache: {stats['encoded']:,} encoded, {stats['cached']:,} cached, {time.perf_counter() - started:.1f}s "
-        "(not part of the measured job)\")"
-    )
-    code, _, _, out = run_measured([sys.executable, "-c", script, str(catalog_path)], env)
-    if code != 0:
-        sys.exit(f"error: warming the text cache failed with exit code {code}")
-    print(out.strip(), flush=True)
+    from jobs.nightly import embed_catalog
+    from models.data import load_catalog
+
+    started = time.perf_counter()
+    catalog, _ = load_catalog(catalog_path)
+    _, stats = embed_catalog(catalog, None, False)
+    return {"encoded": stats["encoded"], "cached": stats["cached"], "seconds": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                         "then pays a first run's encoding (30,000 titles: minutes), which a nightly re-run does not")
     parser.add_argument("--bare", nargs=2, metavar=("EVENTS", "CATALOG"), help=argparse.SUPPRESS)
     parser.add_argument("--strict", metavar="EVENTS", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-text", metavar="CATALOG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.bare:  # the baseline's own process
@@ -138,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.strict:
         print("BARE_RESULT " + json.dumps(strict_baseline(args.strict, args.factors, args.iterations)))
+        return 0
+    if args.warm_text:
+        print("BARE_RESULT " + json.dumps(warm_text_cache(args.warm_text)))
         return 0
 
     print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
@@ -163,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return core
 
-    if not args.cold_text:
-        warm_text_cache(data["catalog"], env)
+    if not args.cold_text:  # in its own process, like the baselines
+        code, _, _, out = run_measured([sys.executable, __file__, "--warm-text", str(data["catalog"])], env)
+        if code != 0:
+            sys.exit(f"error: warming the text cache failed with exit code {code}")
+        warm = json.loads(next(ln for ln in out.splitlines() if ln.startswith("BARE_RESULT ")).split(" ", 1)[1])
+        print(f"text cache: {warm['encoded']:,} encoded, {warm['cached']:,} cached, {warm['seconds']:.1f}s "
+              "(not part of the measured job)", flush=True)  # fmt: skip
     before = baseline("before the job")
     strict_before = baseline("before the job", strict=True)
     if args.skip_job:

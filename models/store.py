@@ -177,7 +177,7 @@ def unpack_user(raw: bytes, n_items: int) -> UserRecord:
             raise CorruptUser(f"{name} title outside the catalogue of {n_items}")
     if because.size and n_history < NO_REASON and ((because >= n_history) & (because != NO_REASON)).any():
         raise CorruptUser("a reason points past the history")
-    if not (np.isfinite(weights.sum()) and np.isfinite(scores.sum())):  # a sum is finite only if every term is
+    if not (np.isfinite(weights).all() and np.isfinite(scores).all()):
         raise CorruptUser("a weight or score is not finite")
     return UserRecord(items, weights, candidates, scores, because if reasons else None)  # None: explained live
 
