@@ -52,6 +52,10 @@ def test_publish_while_requests_flow_fails_nothing(redis_server, store, trained_
     assert versions[0] == first and versions[-1] == second
     # Each worker switched once and never went back.
     assert versions.index(second) > 0
+    # ... and, under load, settled its heap after the switch (GC_FREEZE=1 from gunicorn.conf.py: one
+    # collection of every object the worker holds) without failing a request.
+    log = next(tmp_path.glob("gunicorn-*.log")).read_text()
+    assert log.count(f"heap settled after opening version {second}") == 2, log[-3000:]
 
 
 def test_fresh_events_reach_every_worker_at_once(redis_server, store, trained_demo, tmp_path):
