@@ -20,6 +20,11 @@ _SPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\
 _EDGE = rf"[^{_SPACE}\x00-\x1f\x7f]"  # first and last character: neither whitespace nor control
 ID_PATTERN = rf"^[{_SPACE}]*{_EDGE}(?:[^\x00-\x1f\x7f]{{0,126}}{_EDGE})?[{_SPACE}]*$"
 ID_SCHEMA = {"type": "string", "minLength": 1, "pattern": ID_PATTERN}
+# A list parameter's value may hold several ids, comma-separated (``genre=Drama,Comedy``): each part is
+# trimmed and, unless blank (ignored), must be an id as above (app.api.Query.many).
+_EDGE_OF_PART = rf"[^{_SPACE}\x00-\x1f\x7f,]"
+_PART = rf"[{_SPACE}]*(?:{_EDGE_OF_PART}(?:[^,\x00-\x1f\x7f]{{0,126}}{_EDGE_OF_PART})?)?[{_SPACE}]*"
+LIST_ITEM_PATTERN = rf"^{_PART}(?:,{_PART})*$"
 
 
 def _error(description: str) -> dict:
@@ -51,7 +56,7 @@ def _query(name: str, description: str, schema: dict, explode: bool = False) -> 
     return param
 
 
-_LIST = {"type": "array", "items": {"type": "string", "pattern": r"^[^,\x00-\x1f\x7f]{0,128}$"}}
+_LIST = {"type": "array", "items": {"type": "string", "pattern": LIST_ITEM_PATTERN}}
 FILTER_PARAMS = [
     _query("genre", "any of these genres (repeat, or comma-separate); unknown -> 400 naming the valid ones", _LIST, True),
     _query("kind", "show or film", {"type": "string", "enum": ["show", "film"]}),
@@ -74,14 +79,14 @@ FILTER_BODY = {
     "properties": {
         "user": ID_SCHEMA,
         "k": {"type": "integer", "minimum": 1, "maximum": 100},
-        "genre": {"type": "array", "maxItems": 50, "items": {"type": "string", "pattern": r"^[^,\x00-\x1f\x7f]{0,128}$"}},
+        "genre": {"type": "array", "maxItems": 50, "items": {"type": "string", "pattern": LIST_ITEM_PATTERN}},
         "kind": {"type": "string", "enum": ["show", "film"]},
         "year_min": {"type": "integer", "minimum": 0, "maximum": 9999},
         "year_max": {"type": "integer", "minimum": 0, "maximum": 9999},
         "max_maturity": {"type": "integer", "minimum": 0, "maximum": 99},
         "region": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
         "diversity": {"type": "number", "minimum": 0, "maximum": 1},
-        "exclude": {"type": "array", "maxItems": 10000, "items": {"type": "string", "pattern": r"^[^,\x00-\x1f\x7f]{0,128}$"}},
+        "exclude": {"type": "array", "maxItems": 10000, "items": {"type": "string", "pattern": LIST_ITEM_PATTERN}},
     },
 }
 NO_MODEL = _error("no model is published yet")
