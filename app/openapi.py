@@ -148,7 +148,7 @@ SCHEMAS = {
                 "description": "seconds watched, if known (one viewing lasts at most a day)",
             },
             "recommendation_id": {
-                "type": "string",
+                "type": ["string", "null"],
                 "minLength": 1,
                 "maxLength": 256,
                 "description": "the answer this viewing came from, if the client knows it (else the latest impression "
