@@ -105,7 +105,7 @@ THEMES = {
     "vengeance": ("a woman returning to settle old scores", "a betrayal that demands payback", "a long-planned act of vengeance", "a brother seeking justice for his sister"),
 }
 THEME_NAMES = tuple(THEMES)
-THEME_PULL = 0.6  # share of a viewer's in-genre picks that also match one of her favourite themes
+THEME_PULL = 0.8  # share of a viewer's in-genre picks that also match one of her favourite themes
 TONES = (
     "A story of courage and doubt.", "Told over one unforgettable summer.", "Nothing is what it seems.",
     "Funny, tender and sharp.", "Every choice has a price.", "Based on a true story.", "Old friendships are tested.",

@@ -49,14 +49,13 @@ def test_the_version_carries_text_vectors_and_the_job_reports_the_encoder(traine
 
 
 def test_synopses_place_new_titles_better_than_structured_features_alone_on_the_default_demo_data(tmp_path):
-    """The job's cold-start check on the default demo data: the synopses help place new titles.
+    """The job's cold-start check on the default demo data: the synopses place new titles >= 1.5x as well.
 
-    Issue 14 asks for text_lift >= 1.5. The job does not reach it reliably
-    (1.11-1.61 over seeds and parameters, either objective). So this asserts
-    what holds: text helps, every content model form on every objective is
-    measured on one ALS fit and the best pair kept, and here (the demo's
-    viewers follow themes the synopses name) ALS's own loss places new
-    titles far better than the regression to the CF vectors.
+    Issue 14's target (text_lift >= 1.5), on the job's split and parameters'
+    defaults. Every content model form on every objective is measured on one
+    ALS fit and the best pair kept, and here (the demo's viewers follow themes
+    the synopses name) ALS's own loss places new titles far better than the
+    regression to the CF vectors.
     """
     from jobs.make_demo_data import DEFAULT_EVENTS, DEFAULT_ITEMS, DEFAULT_SEED, DEFAULT_USERS, write_demo_data
     from jobs.nightly import embed_catalog
@@ -77,7 +76,7 @@ def test_synopses_place_new_titles_better_than_structured_features_alone_on_the_
     assert cold["hit_rate"] == max(rates.values()) == rates[f"{cold['content_model']}/{cold['content_objective']}"]
     assert cold["content_objective"] == "als"
     assert cold["hit_rate"] > 1.4 * max(rates["mlp/regression"], rates["linear/regression"])
-    assert cold["text_lift"] > 1.1
+    assert cold["text_lift"] >= 1.5
     assert cold["lift_without_text"] > 2.0  # the structured features alone beat random placement too
 
 
