@@ -14,7 +14,7 @@ has watched), and a row that cannot fill ``min_items`` is dropped. Kinds:
 
 Each row takes ``size`` (default 10) and ``diversity`` (0-1, default
 :data:`DEFAULT_DIVERSITY`: the row's titles are picked by maximal marginal
-relevance out of the best ``3 x size``); ``because_you_watched`` and ``genre``
+relevance out of the best ``2 x size``, ``3 x size`` above 0.3, :func:`pool_size`); ``because_you_watched`` and ``genre``
 take ``count`` (how many such rows, default 2). Unknown and new users get a
 page too: trending, new, genre and popular rows.
 
@@ -69,10 +69,21 @@ DEFAULT_PAGE = {
     ],
 }
 TRENDING_CACHE_SECONDS = 60.0
-DIVERSITY_POOL = 3
 PAGE_SLOTS = 200  # titles a page may place before its rows' shared nearest-title pool runs thin
 # MMR weight of a row unless its config says otherwise (chosen on ml-latest-small, see README).
 DEFAULT_DIVERSITY = 0.3
+
+
+def pool_size(size: int, diversity: float) -> int:
+    """How many titles a row asks its source for; MMR picks ``size`` of them (none without diversity).
+
+    Measured on the serving benchmark's model (100k titles, 1,000 pages, 6,000 rows, pool 3 x size):
+    at diversity 0.3, 99.5 % of MMR's picks lay within the best 2 x size; at 0.6, 10 % lay beyond
+    it, at 1.0, 33 %. A smaller pool costs every row's source and MMR less (~10 % of a page).
+    """
+    if diversity <= 0:
+        return size
+    return size * (2 if diversity <= 0.3 else 3)
 
 
 class PageConfigError(ValueError):
@@ -362,7 +373,7 @@ def build_page(
     for spec in config["rows"]:
         kind, size = spec["kind"], spec.get("size", 10)
         diversity = float(spec.get("diversity", DEFAULT_DIVERSITY))
-        want = size * DIVERSITY_POOL if diversity > 0 else size  # MMR picks ``size`` of these
+        want = pool_size(size, diversity)
 
         def add(row_id: str, title: str, recs: list[Recommendation], kind=kind, size=size, diversity=diversity) -> None:
             row = page.row(row_id, kind, title, recs, min_items, size, diversity)

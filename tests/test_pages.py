@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 
+from app.pages import PageBuilder
 from jobs.trending import refresh
 from models.data import load_catalog
+from models.rules import Filters
 from tests.helpers import get, start_gunicorn, stop
 from tests.test_events import make_app
 
@@ -160,7 +163,18 @@ def test_the_page_config_decides_rows_order_and_sizes(redis_server, store, train
     config.write_text("min_items: 3\nrows:\n  - {kind: popular, size: 4}\n  - {kind: genre, count: 3, size: 6}\n")
     monkeypatch.setenv("PAGE_CONFIG", str(config))
     client = make_app(redis_server, store, tmp_path).test_client()
-    body = client.get(f"/page?user={model_of(client).user_ids[0]}").get_json()
+    model = model_of(client)
+
+    def fills_every_row(user: str) -> bool:  # each of the user's top 3 genres has enough unseen titles for the page
+        page = PageBuilder(model, user, Filters(), set(), (None, None))
+        seen = set(page.history.tolist())
+        return all(
+            len(set(np.flatnonzero(model.rules.genre_masks[g] & page.eligible).tolist()) - seen) >= 4 + 3 * 6
+            for g in page.top_genres(3)
+        )
+
+    user = next(u for u in model.user_ids if fills_every_row(u))
+    body = client.get(f"/page?user={user}").get_json()
     assert [row["kind"] for row in body["rows"]] == ["popular", "genre", "genre", "genre"]
     assert [len(row["items"]) for row in body["rows"]] == [4, 6, 6, 6]
     config.write_text("rows:\n  - {kind: spotlight}\n")
@@ -241,6 +255,27 @@ def test_diversify_is_maximal_marginal_relevance(trained_demo, tmp_path):
                 }  # fmt: skip
                 assert value[taken[step]] >= max(value.values()) - 1e-6
     assert model.diversify(picked, 5, 0.0) == picked[:5]
+
+
+def test_a_rows_pool_is_deep_enough_for_its_diversity(client):
+    """A page row at diversity <= 0.3 asks its source for 2 x size titles (app.pages.pool_size): MMR over
+    3 x size rarely takes a title below the best 2 x size there, and often does at 0.6, where the pool
+    stays 3 x size (demo model: 0.2 % and 10 % of the picks)."""
+    from app.pages import pool_size
+
+    assert [pool_size(10, d) for d in (0, 0.1, 0.3, 0.31, 0.6, 1.0)] == [10, 20, 20, 30, 30, 30]
+    model = model_of(client)
+    users = [u for u in model.user_ids[:300] if len(model.history(u)[0]) >= 5][:200]
+    deep = {0.3: 0, 0.6: 0}
+    for user in users:
+        _, recs = model.recommend(user, 30)
+        assert len(recs) == 30
+        for diversity in deep:
+            deep[diversity] += sum(recs.index(r) >= 20 for r in model.diversify(recs, 10, diversity))
+    picks = 10 * len(users)
+    print(f"picks below the best 20 of 30: {deep[0.3] / picks:.1%} at 0.3, {deep[0.6] / picks:.1%} at 0.6")
+    assert deep[0.3] <= 0.01 * picks
+    assert deep[0.6] >= 0.05 * picks
 
 
 def test_rule_masks_are_cached_but_bounded():
