@@ -14,8 +14,9 @@ has watched), and a row that cannot fill ``min_items`` is dropped. Kinds:
 
 Each row takes ``size`` (default 10) and ``diversity`` (0-1, default
 :data:`DEFAULT_DIVERSITY`: the row's titles are picked by maximal marginal
-relevance out of the best ``2 x size``, ``3 x size`` above 0.3, :func:`pool_size`); ``because_you_watched`` and ``genre``
-take ``count`` (how many such rows, default 2). Unknown and new users get a
+relevance out of the best ``2 x size``, or ``3 x size`` above 0.3, see
+:func:`pool_size`); ``because_you_watched`` and ``genre`` take ``count``
+(how many such rows, default 2). Unknown and new users get a
 page too: trending, new, genre and popular rows.
 
 Promotions: operators pin titles into a row kind at a share of its slots

@@ -69,6 +69,18 @@ def main() -> int:
         queries_file.write_text("\n".join(urllib.parse.quote(f"{q} {n}") for n in range(20) for q in QUERIES) + "\n")
         # Both services run side by side and the rounds alternate between them, so the encoder's effect
         # on /recommend is not confounded with the machine's load drifting between two sequential runs.
+        (tmp / "h.lua").write_text(WRK_DONE)
+        (tmp / "r.lua").write_text(
+            WRK_SCRIPT % {"users": users_file, "done": WRK_DONE, "path": "/recommend", "suffix": ""}
+        )
+        fixed = WRK_SCRIPT.replace(
+            '"%(path)s?user=" .. ids[math.random(#ids)] .. "%(suffix)s"', '"/search?q=heist%%20in%%20space"'
+        )
+        (tmp / "s.lua").write_text(fixed % {"users": users_file, "done": WRK_DONE})
+        many = WRK_SCRIPT.replace(
+            '"%(path)s?user=" .. ids[math.random(#ids)] .. "%(suffix)s"', '"/search?q=" .. ids[math.random(#ids)]'
+        )
+        (tmp / "q.lua").write_text(many % {"users": queries_file, "done": WRK_DONE})
         servers, scripts = {}, {}
         try:
             for mode in ("preload", "off"):
@@ -83,24 +95,11 @@ def main() -> int:
                         if time.monotonic() > deadline:
                             sys.exit("the search encoder did not load in 120 s")
                         time.sleep(0.5)
-                scripts[mode] = {"health": (tmp / "h.lua", "/healthz", WRK_DONE)}
-                (tmp / "h.lua").write_text(WRK_DONE)
-                (tmp / "r.lua").write_text(
-                    WRK_SCRIPT % {"users": users_file, "done": WRK_DONE, "path": "/recommend", "suffix": ""}
-                )
-                scripts[mode]["recommend"] = (tmp / "r.lua", "/recommend", None)
+                scripts[mode] = {
+                    "health": (tmp / "h.lua", "/healthz", WRK_DONE),
+                    "recommend": (tmp / "r.lua", "/recommend", None),
+                }
                 if mode == "preload":
-                    fixed = WRK_SCRIPT.replace(
-                        '"%(path)s?user=" .. ids[math.random(#ids)] .. "%(suffix)s"', '"/search?q=heist%%20in%%20space"'
-                    )
-                    (tmp / "s.lua").write_text(fixed % {"users": users_file, "done": WRK_DONE})
-                    (tmp / "q.lua").write_text(
-                        WRK_SCRIPT.replace(
-                            '"%(path)s?user=" .. ids[math.random(#ids)] .. "%(suffix)s"',
-                            '"/search?q=" .. ids[math.random(#ids)]',
-                        )
-                        % {"users": queries_file, "done": WRK_DONE}
-                    )
                     scripts[mode]["search"] = (tmp / "s.lua", "/search", None)
                     scripts[mode]["search_many"] = (tmp / "q.lua", "/search", None)
             args = type("A", (), {"seconds": 5.0, "connections": 8, "wrk_threads": 2})()
