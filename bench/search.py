@@ -126,7 +126,8 @@ def main() -> int:
                 if name == "memory":
                     continue
                 print(f"  {name:<12} {m['rps']:>7.0f} req/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms  "
-                      f"errors {m['errors']}  ratio to /healthz {m['rps'] / h['rps']:.2f}  worker CPU/req {m['cpu_us']:.0f} us")  # fmt: skip
+                      f"errors {m['errors']}  ratio to /healthz {m['rps'] / h['rps']:.2f}  worker CPU/req {m['cpu_us']:.0f} us  "
+                      f"connections per worker {' '.join(m['spreads'])}")  # fmt: skip
                 ok &= m["errors"] == 0
             for pid, mem in result["memory"].items():
                 print(f"  worker {pid}: RSS {mb(mem.get('rss', 0))}, PSS {mb(mem.get('pss', 0))}")

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -48,6 +49,7 @@ from harness import (
     source_digest,
 )  # fmt: skip
 
+from app.gunicorn_worker import connections_by_process  # noqa: E402
 from app.pages import DEFAULT_PAGE  # noqa: E402
 
 PREFIX = "recs"
@@ -189,10 +191,18 @@ def wait_until_idle(pids: list[int], timeout: float = 300.0) -> None:
 
 
 def measured_wrk(wrk: str, url: str, script: Path, args, workers: list[int]) -> dict:
-    """One wrk run plus the workers' CPU time per request: robust to noisy neighbours."""
+    """One wrk run plus the workers' CPU time per request (robust to noisy neighbours) and how wrk's
+    connections were spread over the workers a second into the run (all on one worker, the service
+    runs on one core: app.gunicorn_worker balances them)."""
+    port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    spread: list[int] = []
+    probe = threading.Timer(1.0, lambda: spread.extend(sorted(connections_by_process(port, workers).values())))
     before = cpu_seconds(workers)
+    probe.start()
     result = run_wrk(wrk, url, script, args.seconds, args.connections, args.wrk_threads)
     result["cpu_us"] = (cpu_seconds(workers) - before) / max(result["requests"], 1) * 1e6
+    probe.join()
+    result["spread"] = "/".join(map(str, spread))
     return result
 
 
@@ -209,6 +219,7 @@ def combine(rounds: list[dict]) -> dict:
         "requests": requests,
         "cpu_us": statistics.median(r["cpu_us"] for r in rounds),
         "rps_rounds": [r["requests"] / r["seconds"] for r in rounds],
+        "spreads": [r["spread"] for r in rounds],
     }
 
 
@@ -316,7 +327,8 @@ def report(variant: dict, result: dict, page_label: str) -> bool:
         # How noisy the verdict is: each round against the /healthz round just before it, and the
         # workers' CPU per request (which does not depend on what else the machine is doing).
         per_round = " ".join(f"{x / y:.2f}" for x, y in zip(r["rps_rounds"], h["rps_rounds"]))
-        print(f"    per round: {per_round}; worker CPU per request /healthz / this: {h['cpu_us'] / r['cpu_us']:.2f}")
+        print(f"    per round: {per_round}; worker CPU per request /healthz / this: {h['cpu_us'] / r['cpu_us']:.2f}; "
+              f"wrk's connections per worker, each round: {' '.join(r['spreads'])} (/healthz: {' '.join(h['spreads'])})")  # fmt: skip
     for pid, mem in result["memory"].items():
         print(
             f"  worker {pid}: RSS {mb(mem.get('rss', 0))}, PSS {mb(mem.get('pss', 0))} "

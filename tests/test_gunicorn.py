@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -92,3 +93,95 @@ def test_fresh_events_reach_every_worker_at_once(redis_server, store, trained_de
                 assert watched not in [item["item_id"] for item in after["items"]]
     finally:
         stop(process)
+
+
+def _worker_pids(master: int) -> list[int]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in open(f"/proc/{master}/task/{master}/children").read().split()]
+        if len(pids) == 2:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"gunicorn has {len(pids)} workers, not 2")
+
+
+def test_kept_alive_connections_spread_evenly_over_workers(redis_server, store, trained_demo, tmp_path):
+    """Eight keep-alive connections opened at once (a proxy's pool, or wrk) land four on each worker.
+
+    Left to the race for the shared listening socket, they landed 0/8, 1/7 or 2/6 as often as 4/4,
+    and the service then ran on one core for as long as the connections lived."""
+    import socket
+
+    from app.gunicorn_worker import connections_by_process
+
+    store.publish(trained_demo.parts, trained_demo.meta)
+    worker_class = os.environ.get("TEST_WORKER_CLASS", "app.gunicorn_worker.ThreadWorker")  # stock: "gthread"
+    # No search encoder: a worker loading it holds the GIL for seconds, and its neighbour rightly stops
+    # waiting for it after ACCEPT_YIELD_SECONDS.
+    process, base = start_gunicorn(
+        redis_server.url,
+        store.keys.prefix,
+        tmp_path / "cache",
+        GUNICORN_WORKER_CLASS=worker_class,
+        SEARCH_ENCODER="off",
+    )
+    port = int(base.rsplit(":", 1)[1])
+    spreads = []
+    try:
+        workers = _worker_pids(process.pid)
+        time.sleep(1.0)  # past the workers' start-up (the heap settles once the model is open)
+
+        def open_one(into: list) -> None:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            if conn.recv(4096).startswith(b"HTTP/1.1 200"):  # served, and kept alive
+                into.append(conn)
+
+        for _ in range(6):
+            connections: list[socket.socket] = []
+            openers = [threading.Thread(target=open_one, args=(connections,)) for _ in range(8)]
+            for opener in openers:
+                opener.start()
+            for opener in openers:
+                opener.join(10)
+            assert len(connections) == 8
+            spreads.append(sorted(connections_by_process(port, workers).values()))
+            for conn in connections:
+                conn.close()
+            time.sleep(0.3)
+    finally:
+        log = stop(process)
+    assert "Traceback" not in log, log[-3000:]
+    assert all(counts == [4, 4] for counts in spreads), spreads
+
+
+def test_a_stalled_worker_does_not_hold_back_new_connections(redis_server, store, trained_demo, tmp_path):
+    """With one worker stopped (SIGSTOP: as stuck as a process gets), the other takes every new
+    connection after ACCEPT_YIELD_SECONDS and answers it; nothing waits on the stalled one."""
+    import signal
+
+    store.publish(trained_demo.parts, trained_demo.meta)
+    process, base = start_gunicorn(redis_server.url, store.keys.prefix, tmp_path / "cache", SEARCH_ENCODER="off")
+    try:
+        stalled, _ = _worker_pids(process.pid)
+        time.sleep(1.0)
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            answers: list[int] = []
+
+            def ask() -> None:
+                answers.append(get(f"{base}/healthz", timeout=3)[0])  # a new connection each
+
+            started = time.monotonic()
+            askers = [threading.Thread(target=ask) for _ in range(8)]
+            for asker in askers:
+                asker.start()
+            for asker in askers:
+                asker.join(10)
+            took = time.monotonic() - started
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+    finally:
+        stop(process)
+    assert answers == [200] * 8
+    assert took < 2.0, took
