@@ -77,6 +77,7 @@ class ConnectionBoard:
     def leave(self) -> None:
         if self.slot >= 0:
             _SLOT.pack_into(self.map, self.slot * _SLOT.size, 0, 0)
+            self.slot = -1
 
     def publish(self, connections: int) -> None:
         if self.slot >= 0:
@@ -135,7 +136,10 @@ class ThreadWorker(gthread.ThreadWorker):
         super().set_accept_enabled(enabled)
 
     def wait_for_and_dispatch_events(self, timeout):
-        BOARD.publish(self.nr_conns)
+        if not self.alive:  # stopping (or reloading): no longer takes connections, so no longer counts
+            BOARD.leave()
+        else:
+            BOARD.publish(self.nr_conns)
         if self._resume_at:
             remaining = self._resume_at - time.monotonic()
             if remaining > 0:

@@ -95,24 +95,51 @@ def test_fresh_events_reach_every_worker_at_once(redis_server, store, trained_de
         stop(process)
 
 
-def _worker_pids(master: int) -> list[int]:
-    deadline = time.monotonic() + 10
+def _worker_pids(master: int, other_than: tuple = ()) -> list[int]:
+    """gunicorn's 2 workers (none of ``other_than``: after a restart or a reload)."""
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         pids = [int(p) for p in open(f"/proc/{master}/task/{master}/children").read().split()]
-        if len(pids) == 2:
+        if len(pids) == 2 and not set(pids) & set(other_than):
             return pids
         time.sleep(0.1)
-    raise AssertionError(f"gunicorn has {len(pids)} workers, not 2")
+    raise AssertionError(f"gunicorn has workers {pids}, not 2 new ones")
 
 
-def test_kept_alive_connections_spread_evenly_over_workers(redis_server, store, trained_demo, tmp_path):
-    """Eight keep-alive connections opened at once (a proxy's pool, or wrk) land four on each worker.
-
-    Left to the race for the shared listening socket, they landed 0/8, 1/7 or 2/6 as often as 4/4,
-    and the service then ran on one core for as long as the connections lived."""
+def _spread_of_eight(port: int, workers: list[int]) -> list[int]:
+    """Open 8 keep-alive connections at once, one request each; how many each worker holds."""
     import socket
 
     from app.gunicorn_worker import connections_by_process
+
+    connections: list[socket.socket] = []
+
+    def open_one() -> None:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        if conn.recv(4096).startswith(b"HTTP/1.1 200"):  # served, and kept alive
+            connections.append(conn)
+
+    openers = [threading.Thread(target=open_one) for _ in range(8)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join(10)
+    try:
+        assert len(connections) == 8
+        return sorted(connections_by_process(port, workers).values())
+    finally:
+        for conn in connections:
+            conn.close()
+        time.sleep(0.3)
+
+
+def test_kept_alive_connections_spread_evenly_over_workers(redis_server, store, trained_demo, tmp_path):
+    """Eight keep-alive connections opened at once (a proxy's pool, or wrk) land four on each worker,
+    also after a worker is killed and replaced and after a reload (SIGHUP: new workers, the old ones
+    leaving). Left to the race for the shared listening socket, they landed 0/8, 1/7 or 2/6 as often
+    as 4/4, and the service then ran on one core for as long as the connections lived."""
+    import signal
 
     store.publish(trained_demo.parts, trained_demo.meta)
     worker_class = os.environ.get("TEST_WORKER_CLASS", "app.gunicorn_worker.ThreadWorker")  # stock: "gthread"
@@ -126,33 +153,24 @@ def test_kept_alive_connections_spread_evenly_over_workers(redis_server, store, 
         SEARCH_ENCODER="off",
     )
     port = int(base.rsplit(":", 1)[1])
-    spreads = []
     try:
         workers = _worker_pids(process.pid)
         time.sleep(1.0)  # past the workers' start-up (the heap settles once the model is open)
-
-        def open_one(into: list) -> None:
-            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
-            if conn.recv(4096).startswith(b"HTTP/1.1 200"):  # served, and kept alive
-                into.append(conn)
-
-        for _ in range(6):
-            connections: list[socket.socket] = []
-            openers = [threading.Thread(target=open_one, args=(connections,)) for _ in range(8)]
-            for opener in openers:
-                opener.start()
-            for opener in openers:
-                opener.join(10)
-            assert len(connections) == 8
-            spreads.append(sorted(connections_by_process(port, workers).values()))
-            for conn in connections:
-                conn.close()
-            time.sleep(0.3)
+        spreads = [_spread_of_eight(port, workers) for _ in range(6)]
+        os.kill(workers[0], signal.SIGKILL)  # its slot in the shared counts is left behind
+        workers = [workers[1], *set(_worker_pids(process.pid, (workers[0],))) - {workers[1]}]
+        time.sleep(1.5)
+        killed = [_spread_of_eight(port, workers) for _ in range(2)]
+        process.send_signal(signal.SIGHUP)  # new workers; the old ones stop accepting and leave
+        workers = _worker_pids(process.pid, tuple(workers))
+        time.sleep(1.5)
+        reloaded = [_spread_of_eight(port, workers) for _ in range(2)]
     finally:
         log = stop(process)
     assert "Traceback" not in log, log[-3000:]
     assert all(counts == [4, 4] for counts in spreads), spreads
+    assert all(counts == [4, 4] for counts in killed), killed
+    assert all(counts == [4, 4] for counts in reloaded), reloaded
 
 
 def test_a_stalled_worker_does_not_hold_back_new_connections(redis_server, store, trained_demo, tmp_path):
