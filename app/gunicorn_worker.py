@@ -111,6 +111,7 @@ class ThreadWorker(gthread.ThreadWorker):
     _yield_since = 0.0  # when this worker began leaving waiting connections to the others
     _yielded_at = -1.0  # when it last looked at one it would rather leave
     _resume_at = 0.0  # while yielding: when it listens again (0: not yielding)
+    _shown = -1  # the count last set on the metric
 
     def accept(self, listener):
         if self._should_yield():
@@ -140,6 +141,11 @@ class ThreadWorker(gthread.ThreadWorker):
             BOARD.leave()
         else:
             BOARD.publish(self.nr_conns)
+        if self.nr_conns != self._shown:  # recs_worker_connections on /metrics, per worker
+            from app.metrics import WORKER_CONNECTIONS
+
+            WORKER_CONNECTIONS.set(self.nr_conns)
+            self._shown = self.nr_conns
         if self._resume_at:
             remaining = self._resume_at - time.monotonic()
             if remaining > 0:
@@ -184,8 +190,9 @@ def _quiet_slow_clients(record: logging.LogRecord) -> bool:
     return True
 
 
-def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
-    """Established TCP connections to local ``port`` held by each of ``pids`` (from /proc; Linux).
+def connections_by_process(port: int, pids: list[int], peer_ports: set[int] | None = None) -> dict[int, int]:
+    """Established TCP connections to local ``port`` held by each of ``pids`` (from /proc; Linux),
+    only those from ``peer_ports`` when given (a test's own client sockets).
 
     For the tests and benchmarks: how a server's connections are spread over its workers.
     """
@@ -210,6 +217,8 @@ def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
         for line in lines:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+            if local_port != port or fields[3] != "01" or fields[9] not in inodes:  # 01: ESTABLISHED
+                continue
+            if peer_ports is None or int(fields[2].rsplit(":", 1)[1], 16) in peer_ports:
                 counts[inodes[fields[9]]] += 1
     return counts

@@ -59,6 +59,11 @@ MODEL_FALLBACK = Gauge(
     multiprocess_mode="liveall",
 )
 LOAD_FAILURES = Counter("recs_model_load_failures_total", "Attempts to load the live version that failed")
+WORKER_CONNECTIONS = Gauge(
+    "recs_worker_connections",
+    "Client connections this gunicorn worker holds (app.gunicorn_worker keeps them even across workers)",
+    multiprocess_mode="liveall",
+)
 
 PROCESS_STARTED = time.time()  # "since start" figures count from here (a worker's import)
 

@@ -95,6 +95,13 @@ def test_fresh_events_reach_every_worker_at_once(redis_server, store, trained_de
         stop(process)
 
 
+def get_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
 def _worker_pids(master: int, other_than: tuple = ()) -> list[int]:
     """gunicorn's 2 workers (none of ``other_than``: after a restart or a reload)."""
     deadline = time.monotonic() + 30
@@ -127,7 +134,23 @@ def _spread_of_eight(port: int, workers: list[int]) -> list[int]:
         opener.join(10)
     try:
         assert len(connections) == 8
-        return sorted(connections_by_process(port, workers).values())
+        ours = {conn.getsockname()[1] for conn in connections}
+        spread = sorted(connections_by_process(port, workers, ours).values())
+        assert sum(spread) == 8, (spread, connections_by_process(port, workers))
+        # What an operator sees: recs_worker_connections per worker (this scrape's connection included).
+        deadline = time.monotonic() + 5
+        while True:
+            metrics = get_text(f"http://127.0.0.1:{port}/metrics")
+            shown = sorted(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("recs_worker_connections{")
+            )
+            if len(shown) == 2 and sum(shown) >= 8 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(shown) == 2 and sum(shown) >= 8 and min(shown) >= 3, metrics
+        return spread
     finally:
         for conn in connections:
             conn.close()
