@@ -61,10 +61,16 @@ class ConnectionBoard:
 
     def __init__(self):
         self.map = mmap.mmap(-1, _SLOT.size * _SLOTS)
-        self.lock = multiprocessing.Lock()
         self.slot = -1
+        try:
+            self.lock = multiprocessing.Lock()  # a POSIX semaphore: needs /dev/shm
+        except OSError as exc:  # e.g. a container without /dev/shm: serve as stock gthread does
+            self.lock = None
+            logging.getLogger("gunicorn.error").warning("connections are not balanced over the workers: %s", exc)
 
     def join(self, pid: int) -> None:
+        if self.lock is None:
+            return
         with self.lock:
             for n in range(_SLOTS):
                 owner, _ = _SLOT.unpack_from(self.map, n * _SLOT.size)

@@ -226,3 +226,20 @@ def test_a_stalled_worker_does_not_hold_back_new_connections(redis_server, store
         stop(process)
     assert answers == [200] * 8
     assert took < 2.0, took
+
+
+def test_without_a_shared_lock_the_worker_serves_unbalanced(monkeypatch):
+    """No /dev/shm (some containers): the board cannot be shared safely, and the worker behaves as
+    stock gthread does instead of failing to start."""
+    import multiprocessing
+
+    from app import gunicorn_worker
+
+    def no_semaphores():
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(multiprocessing, "Lock", no_semaphores)
+    board = gunicorn_worker.ConnectionBoard()
+    board.join(os.getpid())
+    board.publish(5)
+    assert board.slot == -1 and board.least_of_others() is None
