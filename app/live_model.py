@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from pathlib import Path
@@ -77,6 +78,10 @@ class LiveModel:
         self._experiment_raw: bytes | None = None
         self._experiment_retry_at = 0.0
         self._switch_lock = threading.Lock()
+        # The listener's pub/sub socket and the lock it holds while it reads and applies notices: a
+        # request that finds either busy asks Redis instead of trusting fresh_users (_notice_pending).
+        self._notice_socket = None
+        self._notice_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,8 +103,11 @@ class LiveModel:
         ``FRESH_RETRY_SECONDS`` of requests do not try, so an outage costs no
         latency; the first read that works again marks Redis reachable.
         """
+        # A notice of this user's fresh events may still be on its way into fresh_users (unread on the
+        # listener's socket, or being applied): then ask Redis. Checked before the set, see _listen.
+        pending = self.events is not None and self._notice_pending()
         known = self.fresh_users
-        want_fresh = self.events is not None and (known is None or user_id in known)  # else: no fresh events
+        want_fresh = self.events is not None and (known is None or pending or user_id in known)  # else: none
         memo = _request_records()
         want_user = model.user_store is not None and (memo is None or (model.version, user_id) not in memo)
         raw_user, raw_fresh = self._read(model, user_id, want_user, want_fresh)
@@ -345,27 +353,57 @@ class LiveModel:
         """Who has fresh history at all; after this, notices keep the set current."""
         self.fresh_users = EventLog(self.store.redis, self.store.keys).fresh_users()
 
+    def _notice_pending(self) -> bool:
+        """Whether a notice may be unapplied: bytes unread on the listener's socket, or the listener applying them.
+
+        The socket is looked at first: the listener reads it only while holding the lock and releases
+        the lock once fresh_users holds what it read, so a notice is always in one of the three places
+        a request looks (socket, lock, set). Redis writes a notice to the subscribers in the same pass
+        as its reply to the POST that caused it, so it is on every worker's socket before that POST's
+        answer can reach a client, let alone a client's next request.
+        """
+        sock = self._notice_socket
+        if sock is None:
+            return False  # no subscription: fresh_users is None, and every request asks Redis anyway
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if poller.poll(0):
+                return True
+        except (OSError, ValueError):  # closed under us: the listener is reconnecting
+            return True
+        return self._notice_lock.locked()
+
     def _listen(self) -> None:
         """Wake the watcher as soon as a publish is announced (the poll stays as a fallback),
         and keep the set of users with fresh events, so that /recommend asks Redis only
         for them. Until the subscription works (or while it is broken) the set is None
-        and every request asks Redis, which is always correct."""
+        and every request asks Redis, which is always correct. Notices are read and applied
+        under ``_notice_lock`` (see :meth:`_notice_pending`)."""
         keys = self.store.keys
         while not self._stop.is_set():
             try:
                 pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(keys.live_channel, keys.fresh_channel)
+                self._notice_socket = pubsub.connection._sock
                 self._sync_fresh_users()  # after subscribing: no notice can fall in between
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is None:
+                    if not pubsub.connection.can_read(timeout=1.0):  # waits without the lock
                         continue
-                    if message["channel"].decode() == keys.fresh_channel:
-                        self.note_fresh(message["data"].decode().split("\n"))
-                    else:
-                        self.retry_now()
-                        self._wake.set()
-                        self._sync_fresh_users()  # a new version: the job dropped consumed entries
+                    with self._notice_lock:  # drain: socket and parser buffer, confirmations included
+                        while pubsub.connection.can_read(timeout=0):
+                            message = pubsub.get_message(timeout=0)
+                            if message is not None:
+                                self._apply_notice(message, keys)
             except Exception:
+                self._notice_socket = None
                 self.fresh_users = None
                 time.sleep(1.0)
+
+    def _apply_notice(self, message: dict, keys) -> None:
+        if message["channel"].decode() == keys.fresh_channel:
+            self.note_fresh(message["data"].decode().split("\n"))
+        else:
+            self.retry_now()
+            self._wake.set()
+            self._sync_fresh_users()  # a new version: the job dropped consumed entries

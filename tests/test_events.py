@@ -381,3 +381,36 @@ def test_events_spread_over_shards_reach_the_job_once_and_a_changed_shard_count_
     assert refused.status_code == 503 and "EVENT_SHARDS=4" in refused.get_json()["error"]
     with pytest.raises(EventLayoutError, match="EVENT_SHARDS=4"):
         run_nightly(job_config(demo_files, "sharded", redis_url=redis_server.url))
+
+
+def test_a_notice_still_on_its_way_does_not_hide_fresh_events(redis_server, store, published, tmp_path):
+    """Two workers (two apps in one process, each with its pub/sub listener). An event accepted by one
+    reaches the other's answers on the very next request even while that worker's listener has not
+    applied the notice yet (held here by holding its notice lock): the request sees the notice
+    pending and asks Redis instead of trusting its set of users with fresh events."""
+    first = make_app(redis_server, store, tmp_path, MODEL_WATCHER=True).test_client()
+    second = make_app(redis_server, store, tmp_path / "second", MODEL_WATCHER=True).test_client()
+    lives = [live_of(first), live_of(second)]
+    try:
+        deadline = time.monotonic() + 10
+        while not all(live.current is not None and live.fresh_users is not None for live in lives):
+            assert time.monotonic() < deadline, "the listeners did not subscribe"
+            time.sleep(0.05)
+        live = lives[1]
+        user = live.current.user_ids[0]
+        watched = second.get(f"/recommend?user={user}&k=10").get_json()["items"][0]["item_id"]
+        assert user not in live.fresh_users
+        with live._notice_lock:  # the second worker's listener is stalled
+            assert first.post("/events", json=event(user, watched, "2024-05-01T20:00:00Z", 1500)).status_code == 200
+            assert user not in live.fresh_users  # the notice is not applied...
+            stalled = [i["item_id"] for i in second.get(f"/recommend?user={user}&k=10").get_json()["items"]]
+        assert watched not in stalled  # ...yet the answer has the event
+        deadline = time.monotonic() + 5
+        while user not in live.fresh_users:  # released, the listener applies it
+            assert time.monotonic() < deadline, "the notice was never applied"
+            time.sleep(0.05)
+        after = [i["item_id"] for i in second.get(f"/recommend?user={user}&k=10").get_json()["items"]]
+        assert watched not in after
+    finally:
+        for live in lives:
+            live.stop()
