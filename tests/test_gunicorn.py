@@ -191,9 +191,11 @@ def test_kept_alive_connections_spread_evenly_over_workers(redis_server, store, 
     finally:
         log = stop(process)
     assert "Traceback" not in log, log[-3000:]
-    assert all(counts == [4, 4] for counts in spreads), spreads
-    assert all(counts == [4, 4] for counts in killed), killed
-    assert all(counts == [4, 4] for counts in reloaded), reloaded
+    # 4/4 here every time so far; 3/5 is allowed for a worker the machine stalls past ACCEPT_YIELD_SECONDS
+    # (stock gthread: 0/8, 1/7 and 2/6 in most trials).
+    for name, trials in (("start", spreads), ("after a kill", killed), ("after a reload", reloaded)):
+        assert all(counts in ([4, 4], [3, 5]) for counts in trials), (name, trials)
+    assert spreads.count([4, 4]) >= 5, spreads
 
 
 def test_a_stalled_worker_does_not_hold_back_new_connections(redis_server, store, trained_demo, tmp_path):
