@@ -34,7 +34,8 @@ def sim_model(tmp_path_factory):
 def test_the_experiment_names_the_real_model_with_a_lift_close_to_the_truth(redis_server, store, sim_model, tmp_path):
     real = store.publish(sim_model.parts, sim_model.meta)
     weak = experiments.publish_baseline(store, real)
-    days = 6  # with 3 days a clean-clone CI run measured +0.126 for a true +0.195, interval -0.015 .. +0.266: no verdict
+    # With 3 days a clean-clone CI run measured +0.126 for a true +0.195 (interval -0.015 .. +0.266): no verdict.
+    days = 6
     start = time.time() - (days + 1) * 86400
     experiments.start(store, "real vs popularity", [("control", weak, 0.5), ("treatment", real, 0.5)], now=start)
     app = make_app(redis_server, store, tmp_path, EVENTS_TOKEN=TOKEN)
