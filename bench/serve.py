@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def measured_wrk(wrk: str, url: str, script: Path, args, workers: list[int]) -> 
     """One wrk run plus the workers' CPU time per request (robust to noisy neighbours) and how wrk's
     connections were spread over the workers a second into the run (all on one worker, the service
     runs on one core: app.gunicorn_worker balances them)."""
-    port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    port = urllib.parse.urlsplit(url).port
     spread: list[int] = []
     probe = threading.Timer(1.0, lambda: spread.extend(sorted(connections_by_process(port, workers).values())))
     before = cpu_seconds(workers)
