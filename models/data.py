@@ -117,14 +117,20 @@ class Events:
 
 
 def _time_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
-    """Permutation sorting by (user, timestamp, item): one int64 sort when the key fits, else lexsort."""
+    """Permutation sorting by (user, timestamp, item): one int64 sort when the key fits, else lexsort.
+
+    The int64 sort is torch's stable sort (on the cores torch is allowed): the same permutation as
+    ``np.argsort(kind="stable")``, 5x faster on 20M events (0.7 s against 3.3 s here).
+    """
     if len(user) == 0:
         return np.arange(0)
     t0, span = int(timestamp.min()), int(timestamp.max() - timestamp.min()) + 1
     n_items = int(item.max()) + 1
     if (int(user.max()) + 1) * span * n_items < 2**62:
+        import torch  # not at import: the service imports this module too
+
         key = (user.astype(np.int64) * span + (timestamp - t0)) * n_items + item
-        return np.argsort(key, kind="stable")
+        return torch.sort(torch.from_numpy(key), stable=True).indices.numpy()
     return np.lexsort((item, timestamp, user))
 
 
@@ -285,6 +291,37 @@ def _bad_id_mask(ids: pa.ChunkedArray) -> np.ndarray:
     too_long = pc.fill_null(pc.greater(pc.utf8_length(ids), MAX_ID_LENGTH), False)
     control = pc.fill_null(pc.match_substring_regex(ids, r"[\x00-\x1f\x7f]"), False)
     return pc.or_(pc.or_(blank, too_long), control).to_numpy(zero_copy_only=False)
+
+
+def _distinct_ids(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, pa.ChunkedArray]:
+    """(the column's distinct ids, whitespace-trimmed; each row's position in them, -1 if null; the rows as
+    a dictionary column of those ids, for examples in error messages).
+
+    The id checks then run once per distinct id, not per row: 20M events name ~150k users and ~30k
+    titles. Trimming may make two distinct ids equal (``"u1"``, ``" u1"``): :func:`_sorted_codes`
+    merges them, as it merged equal strings before.
+    """
+    encoded = pc.dictionary_encode(column)  # every chunk shares one dictionary
+    if encoded.num_chunks == 0:
+        return pa.array([], pa.string()), np.zeros(0, np.int32), column
+    trimmed = pc.utf8_trim_whitespace(encoded.chunk(0).dictionary)
+    positions = np.concatenate([pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False) for chunk in encoded.chunks])
+    rows = pa.chunked_array([pa.DictionaryArray.from_arrays(chunk.indices, trimmed) for chunk in encoded.chunks])
+    return trimmed, positions, rows
+
+
+def _kept_ids(distinct: pa.Array, positions: np.ndarray, keep: np.ndarray) -> pa.ChunkedArray:
+    """The ids of the kept rows, as a dictionary column holding only the ids they use."""
+    kept = positions[keep]
+    used = np.bincount(kept, minlength=len(distinct)) > 0
+    remap = np.cumsum(used) - 1
+    return pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(remap[kept].astype(np.int32)), distinct.filter(pa.array(used)))])
+
+
+def _row_flags(distinct_flags: np.ndarray, positions: np.ndarray, null: bool) -> np.ndarray:
+    """Per row, the flag of its distinct id (``null`` for a null id)."""
+    padded = np.append(distinct_flags, null)  # position -1 reads the last entry
+    return padded[positions]
 
 
 def _clean_ids(column: pa.ChunkedArray) -> np.ndarray:
@@ -501,6 +538,17 @@ def _sorted_codes(parts: list[pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]
     chunks = [chunk for part in parts for chunk in part.chunks]
     if not chunks:
         return np.array([], dtype=np.int64), np.array([], dtype=object)
+    if all(pa.types.is_dictionary(chunk.type) for chunk in chunks):  # validate_events' columns: rank the dictionaries
+        dictionaries = [chunk.dictionary.cast(pa.large_string()) for chunk in chunks]
+        distinct = pc.unique(pa.concat_arrays(dictionaries))
+        ordered = distinct.take(pc.array_sort_indices(distinct))
+        codes = [
+            pc.index_in(dictionary, value_set=ordered).to_numpy(zero_copy_only=False).astype(np.int64)[
+                chunk.indices.to_numpy(zero_copy_only=False)
+            ]
+            for dictionary, chunk in zip(dictionaries, chunks)
+        ]
+        return np.concatenate(codes), ordered.to_numpy(zero_copy_only=False)
     ids = pa.concat_arrays([chunk.cast(pa.large_string()) for chunk in chunks])
     encoded = pc.dictionary_encode(ids)
     order = pc.array_sort_indices(encoded.dictionary).to_numpy()
@@ -520,12 +568,13 @@ def validate_events(
     engines call this (Spark on each batch it reads), so they accept and
     reject exactly the same rows.
     """
-    # Ids stay Arrow strings until the end: a Python object per row costs GBs at 20M rows.
-    users = pc.utf8_trim_whitespace(table["user_id"])
-    items_raw = pc.utf8_trim_whitespace(table["item_id"])
-    keep = ~_bad_id_mask(users)
+    # Ids stay Arrow strings until the end (a Python object per row costs GBs at 20M rows), and each
+    # distinct id is checked once.
+    user_ids, user_pos, users = _distinct_ids(table["user_id"])
+    item_ids, item_pos, items_raw = _distinct_ids(table["item_id"])
+    keep = ~_row_flags(_bad_id_mask(user_ids), user_pos, True)  # a null id is blank
     rejections.add(path, "user_id", ~keep, users, "blank, too long or with control characters")
-    bad_item = _bad_id_mask(items_raw)
+    bad_item = _row_flags(_bad_id_mask(item_ids), item_pos, True)
     rejections.add(path, "item_id", bad_item & keep, items_raw, "blank, too long or with control characters")
     keep &= ~bad_item
     ts_column = table["timestamp"]
@@ -563,16 +612,18 @@ def validate_events(
         ws = seconds.to_numpy(dtype="float32", na_value=np.nan)
     else:
         ws = np.full(table.num_rows, np.nan, dtype=np.float32)
-    item_rows = pc.index_in(items_raw, value_set=catalog_ids).to_numpy(zero_copy_only=False)
-    unknown = keep & pd.isna(item_rows)
+    catalog_rows = pc.fill_null(pc.index_in(item_ids, value_set=catalog_ids), -1).to_numpy(zero_copy_only=False)
+    item_rows = _row_flags(catalog_rows, item_pos, -1)
+    unknown = keep & (item_rows < 0)
     if unknown.any():
         report.unknown_items += int(unknown.sum())
-        for example in pc.unique(items_raw.filter(pa.array(unknown))).to_pylist()[:5]:
+        first_seen = np.unique(item_pos[unknown])  # dictionary order is order of first appearance
+        for example in item_ids.take(pa.array(first_seen[:5])).to_pylist():
             if len(report.unknown_item_examples) < 5:
                 report.unknown_item_examples.append(str(example))
     keep &= ~unknown
     return (
-        users.filter(pa.array(keep)),
+        _kept_ids(user_ids, user_pos, keep),
         np.asarray(item_rows[keep], dtype=np.int32),
         ts[keep],
         ws[keep],
