@@ -46,6 +46,10 @@ MAX_EVAL_EVENTS = 1_000_000  # events of the users the evaluation model trains o
 
 
 ENGINES = ("implicit", "spark")
+# The parameter search and the cold-start check are reused from the live version for this long, and while
+# the events and titles stay within RETUNE_FACTOR of what they were searched on (reusable_tuning).
+SELECTION_MAX_AGE_DAYS = 7.0
+RETUNE_FACTOR = 1.5
 
 
 @dataclass
@@ -65,6 +69,9 @@ class NightlyConfig:
     select: bool = True  # tune hyperparameters on a validation split (needs evaluate)
     selection_budget: float | None = None  # seconds; None = grows with the data
     cold_start: bool = True  # measure how well content alone places held-out titles
+    # Reuse the live version's parameter search (and cold-start check) while it applies; 0 = search every run.
+    selection_max_age_days: float = float(os.environ.get("SELECTION_MAX_AGE_DAYS", str(SELECTION_MAX_AGE_DAYS)))
+    previous_tuning: dict | None = None  # the live version's search (set by run_nightly from Redis)
     engine: str = os.environ.get("TRAIN_ENGINE", "implicit")  # "implicit" (one machine) or "spark" (jobs.spark_engine)
     text: bool = os.environ.get("TEXT_EMBEDDINGS", "1") != "0"  # embed catalogue synopses (models.text)
     text_cache: str | None = os.environ.get("TEXT_CACHE") or None  # folder of cached text vectors (var/text-cache)
@@ -159,7 +166,15 @@ def evaluate_on_sample(
     selection: list[dict] = []
     train_mask = holdout_split(evaluated, config.holdout, config.split, seed=params.seed)
     train = evaluated.subset(train_mask)
-    if config.select:
+    reused = reusable_tuning(config, n_events, len(catalog))
+    if reused is not None:
+        params = replace(params, **reused["params"])
+        log.info(
+            "parameters: reusing the search of version %s (%.1f days old, %d trials; SELECTION_MAX_AGE_DAYS %g)",
+            reused["version"], (time.time() - reused["searched_at"]) / 86400, reused.get("trials", 0),
+            config.selection_max_age_days,
+        )  # fmt: skip
+    elif config.select:
         # Tuned on a validation split of the training part only: the holdout stays unseen.
         report("select", 0, 1)
         selected_at = time.perf_counter()
@@ -171,7 +186,10 @@ def evaluate_on_sample(
         train, evaluated.subset(~train_mask), catalog, params.at_scale(train), config.show_progress, rank=rank
     )
     evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
-    if config.cold_start:
+    if reused is not None and (reused.get("cold_start") or not config.cold_start):
+        if reused.get("cold_start"):
+            evaluation["cold_start"] = {**reused["cold_start"], "reused_from": reused["version"]}
+    elif config.cold_start:
         report("cold_start", 0, 1)
         cold_at = time.perf_counter()
         evaluation["cold_start"] = cold_start_evaluation(train, catalog, params, seed=params.seed)
@@ -179,6 +197,19 @@ def evaluate_on_sample(
         if cold.get("content_model"):  # the content model form and objective that placed new titles best
             params = replace(params, content_model=cold["content_model"], content_objective=cold["content_objective"])
         timings["cold_start"] = time.perf_counter() - cold_at
+    if reused is not None:
+        evaluation["tuning"] = {k: v for k, v in reused.items() if k not in ("version", "cold_start")}
+        evaluation["tuning"]["reused_from"] = reused["version"]
+    elif config.select:
+        evaluation["tuning"] = {
+            "params": params.as_dict(),  # what select_params, then the cold-start check, chose
+            "base": config.params.as_dict(),
+            "engine": config.engine,
+            "searched_at": time.time(),
+            "events": n_events,
+            "titles": len(catalog),
+            "trials": len(selection),
+        }
     timings["evaluate"] = time.perf_counter() - started
     log.info(
         "holdout nDCG@%d %.4f (popularity %.4f), recall@%d %.4f, coverage %.3f",
@@ -188,12 +219,66 @@ def evaluate_on_sample(
     return params, evaluation, selection
 
 
+def live_tuning(store: ModelStore) -> dict | None:
+    """The parameter search the live version was trained with (its ``metrics.tuning``), with the version
+    and its cold-start check; None when there is none or the record cannot be read."""
+    try:
+        version = store.live_version()
+        if version is None:
+            return None
+        metrics = store.meta(version).get("metrics") or {}
+        tuning = metrics.get("tuning")
+        if not isinstance(tuning, dict) or not isinstance(tuning.get("params"), dict):
+            return None
+        origin = tuning.get("reused_from") or version  # the version whose run searched
+        return {**tuning, "version": origin, "cold_start": metrics.get("cold_start")}
+    except (redis.RedisError, ValueError, TypeError, KeyError) as exc:  # a damaged record: search again
+        log.warning("parameters: the live version's search record cannot be read (%s); searching again", exc)
+        return None
+
+
+def reusable_tuning(config: NightlyConfig, n_events: int, n_titles: int) -> dict | None:
+    """The live version's search when it still applies to this run, else None (the reason is logged).
+
+    It applies while it is younger than ``selection_max_age_days``, was made by
+    the same engine from the same given parameters, and the events and titles
+    are within :data:`RETUNE_FACTOR` of what it searched on. The holdout
+    evaluation and the quality gate still run on every run.
+    """
+    previous = config.previous_tuning
+    if previous is None or not config.select:
+        return None
+    age_days = (time.time() - float(previous.get("searched_at", 0))) / 86400
+    reason = None
+    if config.selection_max_age_days <= 0:
+        reason = "SELECTION_MAX_AGE_DAYS is 0 (or --reselect)"
+    elif previous.get("engine") != config.engine:
+        reason = f"it was made by the {previous.get('engine')} engine"
+    elif previous.get("base") != config.params.as_dict():
+        reason = "the given parameters (or their defaults) changed since"
+    elif not 0 <= age_days <= config.selection_max_age_days:
+        reason = f"it is {age_days:.1f} days old (SELECTION_MAX_AGE_DAYS {config.selection_max_age_days:g})"
+    elif set(previous["params"]) != {f.name for f in fields(ModelParams)}:
+        reason = "it was made with other model parameters than this version has"
+    else:
+        for what, then, now in (("events", previous.get("events"), n_events), ("titles", previous.get("titles"), n_titles)):
+            if not then or not 1 / RETUNE_FACTOR <= now / then <= RETUNE_FACTOR:
+                reason = f"the {what} went from {then} to {now:,}"
+                break
+    if reason is not None:
+        log.info("parameters: searching, not reusing the search of version %s: %s", previous.get("version"), reason)
+        return None
+    return previous
+
+
 def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> NightlyResult:
     timings: dict[str, float] = {}
     if store is None and config.publish:
         store = ModelStore(redis_from_url(config.redis_url), config.prefix)
     if store is not None:
         store.redis.ping()  # fail before hours of work, not after
+        if config.evaluate and config.select and config.selection_max_age_days > 0 and config.previous_tuning is None:
+            config = replace(config, previous_tuning=live_tuning(store))
 
     report("load", 0, 1)
     started = time.perf_counter()
@@ -399,6 +484,11 @@ def print_summary(result: NightlyResult, out=sys.stdout) -> None:
     if meta.get("selection"):
         best = max(meta["selection"], key=lambda t: t["ndcg@10"])
         print(f"selection: {len(meta['selection'])} trials on a validation split, best {best['ndcg@10']:.4f}", file=out)
+    tuning = (meta.get("metrics") or {}).get("tuning") or {}
+    if tuning.get("reused_from"):
+        age = (time.time() - tuning["searched_at"]) / 86400
+        print(f"parameters: from the search of version {tuning['reused_from']} ({age:.1f} days old, {tuning.get('trials', 0)} "
+              "trials; --reselect searches again)", file=out)  # fmt: skip
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), file=out)
 
 
@@ -414,6 +504,12 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
     parser.add_argument("--no-eval", action="store_true", help="skip the holdout evaluation (faster, no metrics)")
     parser.add_argument("--no-select", action="store_true", help="skip hyperparameter selection; use the given parameters")
     parser.add_argument("--selection-budget", type=float, default=None, help="seconds for selection (default grows with the data)")
+    parser.add_argument(
+        "--reselect", action="store_true",
+        help="search parameters (and rerun the cold-start check) even if the live version's search still applies "
+        f"(it is reused for SELECTION_MAX_AGE_DAYS, default {SELECTION_MAX_AGE_DAYS:g}, while events and titles "
+        f"stay within {RETUNE_FACTOR:g}x)",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="do everything except publishing")
     parser.add_argument(
         "--user-parts", action="store_true",
@@ -448,6 +544,7 @@ def parse_args(argv: list[str] | None = None) -> NightlyConfig:
         evaluate=not args.no_eval,
         select=not args.no_select,
         selection_budget=args.selection_budget,
+        selection_max_age_days=0.0 if args.reselect else NightlyConfig.selection_max_age_days,
         split=args.split,
         holdout=args.holdout,
         publish=not args.dry_run,

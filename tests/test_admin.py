@@ -507,3 +507,14 @@ def test_models_page_shows_the_cold_start_text_lift(admin, versions, trained_dem
     cells = re.findall(r'<td class="text-lift">([^<]+)</td>', page.text)
     assert len(cells) == 2 and cells[0].strip() not in ("", "—")
     assert abs(float(cells[0]) - cold["text_lift"]) < 0.01
+
+
+def test_overview_names_the_search_a_version_reused(make_app, store, trained_demo):
+    meta = {**trained_demo.meta, "selection": []}
+    meta["metrics"] = {**meta["metrics"], "tuning": {**meta["metrics"]["tuning"], "reused_from": "20261201T000000Z-abcd"}}
+    store.publish(trained_demo.parts, meta)
+    client = make_app().test_client()
+    assert sign_in(client).status_code == 303
+    page = client.get("/admin/", headers=HTML).text
+    trials = meta["metrics"]["tuning"]["trials"]
+    assert f"parameters from the search of version 20261201T000000Z-abcd ({trials} trials)" in page

@@ -150,3 +150,70 @@ def test_selection_on_a_user_sample_hands_its_regularization_to_the_job_scaled(d
     expected = scaled["chosen"] * (all_users / scaled["chosen_on_users"]) ** 0.5
     assert scaled["value"] == pytest.approx(expected) and meta["params"]["regularization"] == pytest.approx(expected)
     assert meta["params"]["regularization_users"] == 0
+
+
+def test_the_next_run_reuses_the_live_versions_search_while_it_applies(demo_files, store):
+    """Run 2 takes run 1's chosen parameters and cold-start check instead of searching; the holdout
+    evaluation still runs. --reselect (age 0), or other given parameters, search again."""
+    from dataclasses import replace
+
+    from jobs.nightly import NightlyConfig, run_nightly
+    from models.embeddings import ModelParams
+
+    config = NightlyConfig(
+        events=str(demo_files["events"]), catalog=str(demo_files["catalog"]), show_progress=False,
+        params=ModelParams(content_steps=30, iterations=4, n_trees=5), selection_budget=3.0, live_events=False,
+        text=False,
+    )  # fmt: skip
+    first = run_nightly(config, store)
+    searched = first.meta["metrics"]["tuning"]
+    assert first.meta["selection"] and "select" in first.timings and "cold_start" in first.timings
+    assert searched["trials"] == len(first.meta["selection"]) and "reused_from" not in searched
+    assert searched["events"] == first.meta["counts"]["events"] and searched["titles"] == first.meta["counts"]["titles"]
+
+    second = run_nightly(config, store)
+    tuning = second.meta["metrics"]["tuning"]
+    assert tuning["reused_from"] == first.version and tuning["searched_at"] == searched["searched_at"]
+    assert second.meta["selection"] == [] and "select" not in second.timings and "cold_start" not in second.timings
+    assert second.meta["params"] == first.meta["params"]  # the same choice, scaled the same way
+    assert second.meta["metrics"]["cold_start"]["reused_from"] == first.version
+    assert second.meta["metrics"]["cold_start"]["lift"] == first.meta["metrics"]["cold_start"]["lift"]
+    assert second.meta["metrics"]["model"]["ndcg@10"] > 0  # the holdout evaluation (and the gate) still run
+
+    third = run_nightly(replace(config, selection_max_age_days=0.0), store)  # --reselect
+    assert "select" in third.timings and "reused_from" not in third.meta["metrics"]["tuning"]
+
+    fourth = run_nightly(replace(config, params=replace(config.params, factors=32)), store)
+    assert "select" in fourth.timings and "reused_from" not in fourth.meta["metrics"]["tuning"]
+
+
+@pytest.mark.parametrize(
+    "change, reused",
+    [
+        ({}, True),
+        ({"events": 2_000}, True),  # within 1.5x of 1,500
+        ({"events": 3_000}, False),  # doubled
+        ({"titles": 50}, False),
+        ({"engine": "spark"}, False),
+        ({"searched_at": -8 * 86400}, False),  # older than 7 days
+        ({"searched_at": +3600}, False),  # from the future: a clock or a forged record
+        ({"params": {"factors": 64}}, False),  # another version's parameter set
+    ],
+)
+def test_a_search_is_reused_only_while_it_applies(change, reused):
+    import time
+
+    from jobs.nightly import NightlyConfig, reusable_tuning
+    from models.embeddings import ModelParams
+
+    base = ModelParams()
+    previous = {
+        "params": base.as_dict(), "base": base.as_dict(), "engine": "implicit", "searched_at": time.time() - 86400,
+        "events": 1_500, "titles": 100, "trials": 4, "version": "v1",
+    }  # fmt: skip
+    events, titles = change.pop("events", 1_500), change.pop("titles", 100)
+    if "searched_at" in change:
+        change["searched_at"] = time.time() + change["searched_at"]
+    config = NightlyConfig(events="e", catalog="c", previous_tuning={**previous, **change}, selection_max_age_days=7)
+    assert (reusable_tuning(config, events, titles) is not None) == reused
+    assert reusable_tuning(NightlyConfig(events="e", catalog="c", previous_tuning=previous, selection_max_age_days=0), 1_500, 100) is None
