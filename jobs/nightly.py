@@ -182,21 +182,25 @@ def evaluate_on_sample(
             train, catalog, params, config.split, config.selection_budget, params.seed, final_events=n_events
         )
         timings["select"] = time.perf_counter() - selected_at
+    # The cold-start check picks the content model; it runs before the holdout evaluation, so the holdout
+    # (and the quality gate) measures the parameters the final model trains with, searched or reused.
+    cold = None
+    if reused is not None and (reused.get("cold_start") or not config.cold_start):
+        if reused.get("cold_start"):
+            cold = {**reused["cold_start"], "reused_from": reused["version"]}
+    elif config.cold_start:
+        report("cold_start", 0, 1)
+        cold_at = time.perf_counter()
+        cold = cold_start_evaluation(train, catalog, params, seed=params.seed)
+        if cold.get("content_model"):  # the content model form and objective that placed new titles best
+            params = replace(params, content_model=cold["content_model"], content_objective=cold["content_objective"])
+        timings["cold_start"] = time.perf_counter() - cold_at
     evaluation = evaluate_params(
         train, evaluated.subset(~train_mask), catalog, params.at_scale(train), config.show_progress, rank=rank
     )
     evaluation.update(split=config.split, holdout=config.holdout, k=EVAL_K)
-    if reused is not None and (reused.get("cold_start") or not config.cold_start):
-        if reused.get("cold_start"):
-            evaluation["cold_start"] = {**reused["cold_start"], "reused_from": reused["version"]}
-    elif config.cold_start:
-        report("cold_start", 0, 1)
-        cold_at = time.perf_counter()
-        evaluation["cold_start"] = cold_start_evaluation(train, catalog, params, seed=params.seed)
-        cold = evaluation["cold_start"]
-        if cold.get("content_model"):  # the content model form and objective that placed new titles best
-            params = replace(params, content_model=cold["content_model"], content_objective=cold["content_objective"])
-        timings["cold_start"] = time.perf_counter() - cold_at
+    if cold is not None:
+        evaluation["cold_start"] = cold
     if reused is not None:
         evaluation["tuning"] = {k: v for k, v in reused.items() if k not in ("version", "cold_start")}
         evaluation["tuning"]["reused_from"] = reused["version"]

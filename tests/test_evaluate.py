@@ -178,7 +178,9 @@ def test_the_next_run_reuses_the_live_versions_search_while_it_applies(demo_file
     assert second.meta["params"] == first.meta["params"]  # the same choice, scaled the same way
     assert second.meta["metrics"]["cold_start"]["reused_from"] == first.version
     assert second.meta["metrics"]["cold_start"]["lift"] == first.meta["metrics"]["cold_start"]["lift"]
-    assert second.meta["metrics"]["model"]["ndcg@10"] > 0  # the holdout evaluation (and the gate) still run
+    # The holdout evaluation (and the gate) still run; on the same parameters and data both nights measure
+    # the same model: the holdout runs after the cold-start check, with its content model, in both.
+    assert second.meta["metrics"]["model"]["ndcg@10"] == pytest.approx(first.meta["metrics"]["model"]["ndcg@10"], abs=1e-3)
 
     third = run_nightly(replace(config, selection_max_age_days=0.0), store)  # --reselect
     assert "select" in third.timings and "reused_from" not in third.meta["metrics"]["tuning"]
