@@ -180,15 +180,23 @@ def expand_paths(spec: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def _read_table(path: Path, string_columns: tuple[str, ...]) -> pa.Table:
-    """Read one CSV or Parquet file; id-like columns are always read as strings."""
+def _read_table(path: Path, string_columns: tuple[str, ...], as_dictionary: bool = False) -> pa.Table:
+    """Read one CSV or Parquet file; id-like columns are always read as strings.
+
+    ``as_dictionary``: Parquet string columns among ``string_columns`` are read dictionary-encoded, as
+    Parquet stores them (no string per row; :func:`_distinct_ids` takes them as they are).
+    """
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
-            table = pq.read_table(path)
+            encoded = []
+            if as_dictionary:
+                schema = pq.read_schema(path)
+                encoded = [n for n in string_columns if n in schema.names and pa.types.is_string(schema.field(n).type)]
+            table = pq.read_table(path, read_dictionary=encoded or None)
             casts = {}
             for name in string_columns:
-                if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
+                if name in table.column_names and name not in encoded and not pa.types.is_string(table.schema.field(name).type):
                     casts[name] = pc.cast(table[name], pa.string())
             for name, column in casts.items():
                 table = table.set_column(table.column_names.index(name), name, column)
@@ -301,7 +309,10 @@ def _distinct_ids(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, pa.Chu
     titles. Trimming may make two distinct ids equal (``"u1"``, ``" u1"``): :func:`_sorted_codes`
     merges them, as it merged equal strings before.
     """
-    encoded = pc.dictionary_encode(column)  # every chunk shares one dictionary
+    if pa.types.is_dictionary(column.type):  # as Parquet stores it: one dictionary per row group
+        encoded = column.unify_dictionaries()
+    else:
+        encoded = pc.dictionary_encode(column)  # every chunk shares one dictionary
     if encoded.num_chunks == 0:
         return pa.array([], pa.string()), np.zeros(0, np.int32), column
     trimmed = pc.utf8_trim_whitespace(encoded.chunk(0).dictionary)
@@ -650,7 +661,7 @@ def load_events(
     latest = latest_timestamp()
     for path in paths:
         report.files.append(str(path))
-        table = _read_table(path, ("user_id", "item_id"))
+        table = _read_table(path, ("user_id", "item_id"), as_dictionary=True)
         _require(table, path, EVENT_COLUMNS)
         report.rows_read += table.num_rows
         users, item_rows, ts, ws = validate_events(table, path, catalog_ids, latest, rejections, report)

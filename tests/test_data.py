@@ -91,3 +91,34 @@ def test_wrong_delimiter_and_encoding_are_clear(tmp_path, tiny_catalog):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match="nope.csv: no such file"):
         load_catalog(tmp_path / "nope.csv")
+
+
+def test_parquet_and_csv_of_the_same_rows_load_alike(tmp_path, tiny_catalog):
+    """Parquet ids are read dictionary-encoded (one dictionary per row group) and each distinct id is
+    checked once: the same rows as CSV give the same events, rejections and examples."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    catalog, _ = load_catalog(tiny_catalog)
+    rows = {
+        "user_id": ["u1", " u1", "u2", None, "", "u\x01x", "u3", "u2", "u4", "u1"],
+        "item_id": ["a", "b ", "c", "a", "a", "b", "zzz", None, "yyy", "c"],
+        "timestamp": [1700000000 + n for n in range(10)],
+    }
+    csv = tmp_path / "events.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    parquet = tmp_path / "events.parquet"
+    pq.write_table(pa.table(rows), parquet, row_group_size=3)  # four row groups, four dictionaries
+    assert pq.ParquetFile(parquet).metadata.num_row_groups == 4
+    loaded = {path.suffix: load_events(path, catalog, max_rejected_share=0.9) for path in (csv, parquet)}
+    (from_csv, csv_report), (from_parquet, parquet_report) = loaded[".csv"], loaded[".parquet"]
+    assert list(from_parquet.user_ids) == list(from_csv.user_ids) == ["u1", "u2"]  # " u1" is u1
+    for column in ("user", "item", "timestamp"):
+        assert getattr(from_parquet, column).tolist() == getattr(from_csv, column).tolist()
+    assert from_parquet.user.tolist() == [0, 0, 0, 1] and from_parquet.item.tolist() == [0, 1, 2, 2]
+    assert parquet_report.rows_rejected == csv_report.rows_rejected == {
+        "user_id: blank, too long or with control characters": 3,
+        "item_id: blank, too long or with control characters": 1,
+    }
+    assert parquet_report.unknown_items == csv_report.unknown_items == 2
+    assert parquet_report.unknown_item_examples == csv_report.unknown_item_examples == ["zzz", "yyy"]
