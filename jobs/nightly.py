@@ -35,7 +35,7 @@ from models.evaluate import evaluation_sample, holdout_split, popularity_ranking
 from models.live_events import compact, take_for_job
 from models.offline import cold_start_evaluation, select_params, served_top_k
 from models.progress import report
-from models.store import DEFAULT_KEEP, ModelStore, redis_from_url
+from models.store import DEFAULT_KEEP, ModelError, ModelStore, redis_from_url
 from models.trending import trending_record
 
 log = logging.getLogger("jobs.nightly")
@@ -236,9 +236,29 @@ def live_tuning(store: ModelStore) -> dict | None:
             return None
         origin = tuning.get("reused_from") or version  # the version whose run searched
         return {**tuning, "version": origin, "cold_start": metrics.get("cold_start")}
-    except (redis.RedisError, ValueError, TypeError, KeyError) as exc:  # a damaged record: search again
+    except (redis.RedisError, ModelError, ValueError, TypeError, KeyError, AttributeError) as exc:  # damaged: search again
         log.warning("parameters: the live version's search record cannot be read (%s); searching again", exc)
         return None
+
+
+def _malformed_tuning(tuning: dict) -> str | None:
+    """Why a stored search record cannot be used (it is read back from Redis), or None."""
+    defaults = ModelParams().as_dict()
+    params = tuning.get("params")
+    if not isinstance(params, dict) or set(params) != set(defaults) or not isinstance(tuning.get("base"), dict):
+        return "it was made with other model parameters than this version has"
+    for name, default in defaults.items():
+        value = params[name]
+        kind = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, kind):
+            return f"its parameter {name} is not a {type(default).__name__}"
+        if name in PARAM_CHOICES and value not in PARAM_CHOICES[name]:
+            return f"its parameter {name} is not one of {', '.join(PARAM_CHOICES[name])}"
+    for name in ("searched_at", "events", "titles"):
+        value = tuning.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"its '{name}' is not a positive number"
+    return None
 
 
 def reusable_tuning(config: NightlyConfig, n_events: int, n_titles: int) -> dict | None:
@@ -252,27 +272,30 @@ def reusable_tuning(config: NightlyConfig, n_events: int, n_titles: int) -> dict
     previous = config.previous_tuning
     if previous is None or not config.select:
         return None
-    age_days = (time.time() - float(previous.get("searched_at", 0))) / 86400
-    reason = None
-    if config.selection_max_age_days <= 0:
-        reason = "SELECTION_MAX_AGE_DAYS is 0 (or --reselect)"
-    elif previous.get("engine") != config.engine:
-        reason = f"it was made by the {previous.get('engine')} engine"
-    elif previous.get("base") != config.params.as_dict():
-        reason = "the given parameters (or their defaults) changed since"
-    elif not 0 <= age_days <= config.selection_max_age_days:
-        reason = f"it is {age_days:.1f} days old (SELECTION_MAX_AGE_DAYS {config.selection_max_age_days:g})"
-    elif set(previous["params"]) != {f.name for f in fields(ModelParams)}:
-        reason = "it was made with other model parameters than this version has"
-    else:
-        for what, then, now in (("events", previous.get("events"), n_events), ("titles", previous.get("titles"), n_titles)):
-            if not then or not 1 / RETUNE_FACTOR <= now / then <= RETUNE_FACTOR:
-                reason = f"the {what} went from {then} to {now:,}"
-                break
+    reason = _why_not_reusable(previous, config, n_events, n_titles)
     if reason is not None:
         log.info("parameters: searching, not reusing the search of version %s: %s", previous.get("version"), reason)
         return None
     return previous
+
+
+def _why_not_reusable(previous: dict, config: NightlyConfig, n_events: int, n_titles: int) -> str | None:
+    malformed = _malformed_tuning(previous)
+    if malformed is not None:
+        return malformed
+    if config.selection_max_age_days <= 0:
+        return "SELECTION_MAX_AGE_DAYS is 0 (or --reselect)"
+    if previous.get("engine") != config.engine:
+        return f"it was made by the {previous.get('engine')} engine"
+    if previous["base"] != config.params.as_dict():
+        return "the given parameters (or their defaults) changed since"
+    age_days = (time.time() - previous["searched_at"]) / 86400
+    if not 0 <= age_days <= config.selection_max_age_days:
+        return f"it is {age_days:.1f} days old (SELECTION_MAX_AGE_DAYS {config.selection_max_age_days:g})"
+    for what, then, now in (("events", previous["events"], n_events), ("titles", previous["titles"], n_titles)):
+        if not 1 / RETUNE_FACTOR <= now / then <= RETUNE_FACTOR:
+            return f"the {what} went from {then:,} to {now:,}"
+    return None
 
 
 def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> NightlyResult:

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from models.data import Events
+from models.embeddings import ModelParams
 from models.evaluate import holdout_split, popularity_ranking, ranking_metrics, recommend_popular
+
+DEFAULTS = ModelParams().as_dict()
 
 
 def make_events(pairs: list[tuple[int, int, int]]) -> Events:
@@ -188,33 +191,46 @@ def test_the_next_run_reuses_the_live_versions_search_while_it_applies(demo_file
     fourth = run_nightly(replace(config, params=replace(config.params, factors=32)), store)
     assert "select" in fourth.timings and "reused_from" not in fourth.meta["metrics"]["tuning"]
 
+    store.redis.set(store.keys.meta(store.live_version()), b"{not json")  # a damaged live record: search again
+    fifth = run_nightly(replace(config, params=replace(config.params, factors=32)), store)
+    assert "select" in fifth.timings and fifth.version == store.live_version()
+
 
 @pytest.mark.parametrize(
     "change, reused",
     [
         ({}, True),
-        ({"events": 2_000}, True),  # within 1.5x of 1,500
-        ({"events": 3_000}, False),  # doubled
-        ({"titles": 50}, False),
+        ({"run_events": 2_000}, True),  # within 1.5x of 1,500
+        ({"run_events": 3_000}, False),  # doubled
+        ({"run_titles": 50}, False),
         ({"engine": "spark"}, False),
         ({"searched_at": -8 * 86400}, False),  # older than 7 days
         ({"searched_at": +3600}, False),  # from the future: a clock or a forged record
         ({"params": {"factors": 64}}, False),  # another version's parameter set
+        # A damaged or forged record in Redis: searched again, never trained on.
+        ({"params": "garbage"}, False),
+        ({"params": {**DEFAULTS, "factors": "64"}}, False),
+        ({"params": {**DEFAULTS, "factors": True}}, False),
+        ({"params": {**DEFAULTS, "content_model": "rm -rf"}}, False),
+        ({"params": {**DEFAULTS, "regularization": 40}}, True),  # an int where a float is: fine
+        ({"searched_at": "yesterday"}, False),
+        ({"events": 0}, False),
+        ({"titles": None}, False),
+        ({"base": None}, False),
     ],
 )
 def test_a_search_is_reused_only_while_it_applies(change, reused):
     import time
 
     from jobs.nightly import NightlyConfig, reusable_tuning
-    from models.embeddings import ModelParams
 
-    base = ModelParams()
     previous = {
-        "params": base.as_dict(), "base": base.as_dict(), "engine": "implicit", "searched_at": time.time() - 86400,
+        "params": DEFAULTS, "base": DEFAULTS, "engine": "implicit", "searched_at": time.time() - 86400,
         "events": 1_500, "titles": 100, "trials": 4, "version": "v1",
     }  # fmt: skip
-    events, titles = change.pop("events", 1_500), change.pop("titles", 100)
-    if "searched_at" in change:
+    change = dict(change)
+    events, titles = change.pop("run_events", 1_500), change.pop("run_titles", 100)
+    if isinstance(change.get("searched_at"), (int, float)):
         change["searched_at"] = time.time() + change["searched_at"]
     config = NightlyConfig(events="e", catalog="c", previous_tuning={**previous, **change}, selection_max_age_days=7)
     assert (reusable_tuning(config, events, titles) is not None) == reused
