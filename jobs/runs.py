@@ -242,14 +242,19 @@ def mark_abandoned(store: ModelStore, own_id: str) -> list[str]:
 
 
 # -- manual runs: the queue the scheduler executes ---------------------------------------------
-def queue_run(store: ModelStore, force: bool = False, requested_by: str = "dashboard") -> str:
-    """Queue a run for ``python -m jobs.scheduler``; its record shows as 'queued' until it starts."""
+def queue_run(store: ModelStore, force: bool = False, requested_by: str = "dashboard", reselect: bool = False) -> str:
+    """Queue a run for ``python -m jobs.scheduler``; its record shows as 'queued' until it starts.
+
+    ``reselect``: search parameters again instead of reusing the live version's search (``--reselect``).
+    """
     run_id = new_version_id()
     now = time.time()
     RunRecord(store, run_id).save(
-        trigger="manual", status="queued", requested_at=now, requested_by=requested_by, force=force, progress=0
-    )
-    store.redis.rpush(store.keys.run_queue, orjson.dumps({"run_id": run_id, "force": force, "requested_at": now}))
+        trigger="manual", status="queued", requested_at=now, requested_by=requested_by, force=force,
+        reselect=reselect, progress=0,
+    )  # fmt: skip
+    request = {"run_id": run_id, "force": force, "reselect": reselect, "requested_at": now}
+    store.redis.rpush(store.keys.run_queue, orjson.dumps(request))
     return run_id
 
 

@@ -97,12 +97,14 @@ class Scheduler:
         self.trending_seconds = trending_seconds
         self.next_trending_at = clock() if trending_seconds else float("inf")
 
-    def job_command(self, trigger: str, run_id: str | None = None, force: bool = False) -> list[str]:
+    def job_command(self, trigger: str, run_id: str | None = None, force: bool = False, reselect: bool = False) -> list[str]:
         command = [sys.executable, "-m", "jobs.nightly", "--trigger", trigger, "--quiet"]
         if run_id:
             command += ["--run-id", run_id]
         if force:
             command.append("--force")
+        if reselect:
+            command.append("--reselect")
         return command + self.job_args
 
     def trending_args(self) -> list[str]:
@@ -143,16 +145,16 @@ class Scheduler:
         request = pop_request(self.store, min(self.poll_seconds, max(self.next_run_at - now, 0.01)))
         if request is None:
             return None
-        self._execute("manual", request["run_id"], bool(request.get("force")))
+        self._execute("manual", request["run_id"], bool(request.get("force")), bool(request.get("reselect")))
         return "manual"
 
-    def _execute(self, trigger: str, run_id: str | None = None, force: bool = False) -> int:
+    def _execute(self, trigger: str, run_id: str | None = None, force: bool = False, reselect: bool = False) -> int:
         self.current = run_id or trigger
         self.beat()
         log.info("starting a %s run%s%s", trigger, f" {run_id}" if run_id else "", " (forced)" if force else "")
         started = time.monotonic()
         try:
-            code = self.run_child(self.job_command(trigger, run_id, force))
+            code = self.run_child(self.job_command(trigger, run_id, force, reselect))
         finally:
             self.current = None
         log.info(

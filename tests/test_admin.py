@@ -339,16 +339,16 @@ def test_models_page_and_rolling_back(admin, versions, store):
 # -- runs -----------------------------------------------------------------------------------------------
 def test_retrain_now_only_queues_a_run(admin, store, versions):
     client, csrf = admin
-    response = client.post("/admin/runs", data={"csrf_token": csrf, "force": "on"})
+    response = client.post("/admin/runs", data={"csrf_token": csrf, "force": "on", "reselect": "on"})
     assert response.status_code == 303
     run_id = response.headers["Location"].rsplit("/", 1)[1]
     assert queued_requests(store) == [
-        {"run_id": run_id, "force": True, "requested_at": pytest.approx(time.time(), abs=60)}
+        {"run_id": run_id, "force": True, "reselect": True, "requested_at": pytest.approx(time.time(), abs=60)}
     ]
     assert get_run(store, run_id)["status"] == "queued"
     assert store.redis.get(store.keys.job_lock) is None and len(store.versions()) == 2  # nothing trained
     page = client.get(f"/admin/runs/{run_id}", headers=HTML).text
-    assert "no scheduler is running" in page and "queued" in page
+    assert "no scheduler is running" in page and "queued" in page and "with a new parameter search" in page
 
     again = client.post("/admin/runs", data={"csrf_token": csrf})  # a double click queues nothing more
     assert again.status_code == 303 and again.headers["Location"].endswith(run_id)

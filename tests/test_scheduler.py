@@ -67,7 +67,7 @@ def test_scheduler_runs_queued_runs_in_order_and_fires_when_due(store):
         store, Schedule("0 3 * * *"), ["--events", "e.csv"], poll_seconds=0.05, clock=clock, run_child=run_child
     )
     assert scheduler.next_run_at == local(2026, 1, 2, 3, 0)
-    first, second = queue_run(store), queue_run(store, force=True)
+    first, second = queue_run(store), queue_run(store, force=True, reselect=True)
 
     # While another run holds the lock, queued runs stay queued.
     lock = JobLock(store.redis, store.keys.job_lock, "cli-run", ttl=5)
@@ -78,6 +78,7 @@ def test_scheduler_runs_queued_runs_in_order_and_fires_when_due(store):
     assert scheduler.step() == "manual" and scheduler.step() == "manual" and scheduler.step() is None
     assert [c[c.index("--run-id") + 1] for c in commands] == [first, second]
     assert "--force" not in commands[0] and "--force" in commands[1]
+    assert "--reselect" not in commands[0] and "--reselect" in commands[1]
     assert commands[0][:4] == [sys.executable, "-m", "jobs.nightly", "--trigger"] and commands[0][4] == "manual"
 
     clock.now = local(2026, 1, 2, 3, 0, 1)

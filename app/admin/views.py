@@ -267,9 +267,11 @@ def retrain_now():
         # A double click, or two operators at once: one queued run is enough, it trains on the latest data.
         flash("A run is already queued; it starts when the scheduler is free.", "warn")
         return redirect(url_for("admin.run_page", run_id=waiting[0]["run_id"]), 303)
-    force = request.form.get("force") == "on"
-    run_id = queue_run(store(), force=force, requested_by=f"dashboard ({request.remote_addr})")
-    current_app.logger.info("admin queued run %s (force=%s) from %s", run_id, force, request.remote_addr)
+    force, reselect = request.form.get("force") == "on", request.form.get("reselect") == "on"
+    run_id = queue_run(store(), force=force, requested_by=f"dashboard ({request.remote_addr})", reselect=reselect)
+    current_app.logger.info(
+        "admin queued run %s (force=%s, reselect=%s) from %s", run_id, force, reselect, request.remote_addr
+    )
     if scheduler_status(store()) is None:
         flash(
             "Queued, but no scheduler is running: start `python -m jobs.scheduler`; the run waits in the queue.", "warn"
