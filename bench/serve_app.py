@@ -23,8 +23,8 @@ from app.errors import json_response
 FLOOR_PATH = "/_bench/read"
 
 
-def create_app() -> Flask:
-    app = create_service()
+def create_app(config: dict | None = None) -> Flask:
+    app = create_service(config)
     live = app.extensions["live_model"]
 
     @app.get(FLOOR_PATH)

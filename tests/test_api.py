@@ -221,3 +221,32 @@ def test_a_request_reads_its_user_from_redis_in_one_round_trip(client, published
     # /version says where the users are, never the key that names their records.
     shown = client.get("/version").get_json()["user_store"]
     assert shown["users"] == len(model.user_ids) and "key" not in shown
+
+
+def test_the_serving_benchmarks_floor_route_does_recommends_redis_read_and_nothing_more(store, published, tmp_path):
+    """bench/serve.py's floor (/_bench/read, bench/serve_app.py): the user's Redis read, as /recommend does it."""
+    from bench.serve_app import FLOOR_PATH
+    from bench.serve_app import create_app as create_bench_app
+
+    config = {
+        "REDIS_URL": _url(store), "REDIS_PREFIX": store.keys.prefix, "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_WATCHER": False, "TESTING": True,
+    }  # fmt: skip
+    app = create_bench_app(config)
+    app.extensions["live_model"].refresh()
+    client = app.test_client()
+    user = client.get("/history?user=u1").get_json()["user"]  # warm: the model is open
+
+    def hgets() -> int:
+        return int(store.redis.info("commandstats").get("cmdstat_hget", {}).get("calls", 0))
+
+    reads = {}
+    for path in (FLOOR_PATH, "/recommend"):
+        before = hgets()
+        response = client.get(f"{path}?user={user}")
+        assert response.status_code == 200, path
+        reads[path] = hgets() - before
+    # The same reads (the record, and the fresh overlay: this app runs no pub/sub listener), one pipeline.
+    assert reads[FLOOR_PATH] == reads["/recommend"] >= 1
+    assert client.get(FLOOR_PATH).status_code == 400  # the same checks of the user id
+    assert create_app(config).test_client().get(f"{FLOOR_PATH}?user={user}").status_code == 404  # the service has none
