@@ -185,10 +185,9 @@ def evaluate_on_sample(
     # The cold-start check picks the content model; it runs before the holdout evaluation, so the holdout
     # (and the quality gate) measures the parameters the final model trains with, searched or reused.
     cold = None
-    if reused is not None and (reused.get("cold_start") or not config.cold_start):
-        if reused.get("cold_start"):
-            cold = {**reused["cold_start"], "reused_from": reused["version"]}
-    elif config.cold_start:
+    if reused is not None and reused.get("cold_start"):
+        cold = {**reused["cold_start"], "reused_from": reused["version"]}
+    elif config.cold_start:  # searched now, or the reused search had no check
         report("cold_start", 0, 1)
         cold_at = time.perf_counter()
         cold = cold_start_evaluation(train, catalog, params, seed=params.seed)
@@ -232,8 +231,8 @@ def live_tuning(store: ModelStore) -> dict | None:
             return None
         metrics = store.meta(version).get("metrics") or {}
         tuning = metrics.get("tuning")
-        if not isinstance(tuning, dict) or not isinstance(tuning.get("params"), dict):
-            return None
+        if not isinstance(tuning, dict):
+            return None  # reusable_tuning checks the rest (_malformed_tuning)
         origin = tuning.get("reused_from") or version  # the version whose run searched
         return {**tuning, "version": origin, "cold_start": metrics.get("cold_start")}
     except (redis.RedisError, ModelError, ValueError, TypeError, KeyError, AttributeError) as exc:  # damaged: search again

@@ -329,8 +329,8 @@ def _kept_ids(distinct: pa.Array, positions: np.ndarray, keep: np.ndarray) -> pa
     return pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(remap[kept].astype(np.int32)), distinct.filter(pa.array(used)))])
 
 
-def _row_flags(distinct_flags: np.ndarray, positions: np.ndarray, null: bool) -> np.ndarray:
-    """Per row, the flag of its distinct id (``null`` for a null id)."""
+def _row_flags(distinct_flags: np.ndarray, positions: np.ndarray, null) -> np.ndarray:
+    """Per row, the value of its distinct id in ``distinct_flags`` (``null`` for a null id)."""
     padded = np.append(distinct_flags, null)  # position -1 reads the last entry
     return padded[positions]
 
@@ -549,24 +549,18 @@ def _sorted_codes(parts: list[pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]
     chunks = [chunk for part in parts for chunk in part.chunks]
     if not chunks:
         return np.array([], dtype=np.int64), np.array([], dtype=object)
-    if all(pa.types.is_dictionary(chunk.type) for chunk in chunks):  # validate_events' columns: rank the dictionaries
-        dictionaries = [chunk.dictionary.cast(pa.large_string()) for chunk in chunks]
-        distinct = pc.unique(pa.concat_arrays(dictionaries))
-        ordered = distinct.take(pc.array_sort_indices(distinct))
-        codes = [
-            pc.index_in(dictionary, value_set=ordered).to_numpy(zero_copy_only=False).astype(np.int64)[
-                chunk.indices.to_numpy(zero_copy_only=False)
-            ]
-            for dictionary, chunk in zip(dictionaries, chunks)
+    # validate_events hands over dictionary columns; plain strings are encoded here first.
+    chunks = [chunk if pa.types.is_dictionary(chunk.type) else pc.dictionary_encode(chunk) for chunk in chunks]
+    dictionaries = [chunk.dictionary.cast(pa.large_string()) for chunk in chunks]
+    distinct = pc.unique(pa.concat_arrays(dictionaries))
+    ordered = distinct.take(pc.array_sort_indices(distinct))
+    codes = [
+        pc.index_in(dictionary, value_set=ordered).to_numpy(zero_copy_only=False).astype(np.int64)[
+            chunk.indices.to_numpy(zero_copy_only=False)
         ]
-        return np.concatenate(codes), ordered.to_numpy(zero_copy_only=False)
-    ids = pa.concat_arrays([chunk.cast(pa.large_string()) for chunk in chunks])
-    encoded = pc.dictionary_encode(ids)
-    order = pc.array_sort_indices(encoded.dictionary).to_numpy()
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    codes = rank[encoded.indices.to_numpy()]
-    return codes, encoded.dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False)
+        for dictionary, chunk in zip(dictionaries, chunks)
+    ]
+    return np.concatenate(codes), ordered.to_numpy(zero_copy_only=False)
 
 
 def validate_events(

@@ -122,3 +122,18 @@ def test_parquet_and_csv_of_the_same_rows_load_alike(tmp_path, tiny_catalog):
     }
     assert parquet_report.unknown_items == csv_report.unknown_items == 2
     assert parquet_report.unknown_item_examples == csv_report.unknown_item_examples == ["zzz", "yyy"]
+
+
+def test_parquet_with_numeric_ids_reads_them_as_strings(tmp_path):
+    """Only string id columns are read dictionary-encoded; numeric ones are cast to text, as before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    catalog_path = write_csv(tmp_path / "catalog.csv", "item_id,title\n10,Ten\n20,Twenty\n")
+    catalog, _ = load_catalog(catalog_path)
+    path = tmp_path / "events.parquet"
+    pq.write_table(pa.table({"user_id": [7, 7, 8], "item_id": ["20", "10", "30"], "timestamp": [3, 1, 2]}), path)
+    events, report = load_events(path, catalog)
+    assert list(events.user_ids) == ["7"] and events.user.tolist() == [0, 0]  # 8 watched only an unknown title
+    assert [catalog.item_ids[i] for i in events.item] == ["10", "20"]  # u7's titles in time order
+    assert report.unknown_items == 1 and report.unknown_item_examples == ["30"]
