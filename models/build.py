@@ -23,8 +23,8 @@ import torch
 from annoy import AnnoyIndex
 from threadpoolctl import threadpool_limits
 
-from models.data import Catalog, Events
-from models.embeddings import Embeddings, ModelParams
+from models.data import Catalog, Events, stable_argsort
+from models.embeddings import Embeddings, ModelParams, one_torch_thread
 from models.progress import progress
 from models.recommender import BECAUSE_HISTORY, NEIGHBOURS, NO_REASON, SEQUENCE_HISTORY, Recommender
 
@@ -66,7 +66,7 @@ def recent_histories(events: Events, confidence: sp.csr_matrix, cap: int) -> tup
     events = events.in_time_order()
     n_users, n_items = len(events.user_ids), confidence.shape[1]
     pair = events.user.astype(np.int64) * n_items + events.item
-    by_pair = np.argsort(pair, kind="stable")  # by (user, title), then time
+    by_pair = stable_argsort(pair)  # by (user, title), then time
     sorted_pairs = pair[by_pair]
     last = np.ones(len(pair), dtype=bool)
     last[:-1] = sorted_pairs[1:] != sorted_pairs[:-1]
@@ -304,8 +304,8 @@ def precompute_candidates(
             scores[block, :keep] = np.where(unseen, top_scores + row_offset[:, None].astype(np.float32), 0.0)
 
     batches = history_batches(recommender, users)
-    # One BLAS thread per worker thread: the threads already use every core.
-    with threadpool_limits(1, "blas"), ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+    # One BLAS and one torch thread per worker thread: the threads already use every core.
+    with threadpool_limits(1, "blas"), one_torch_thread(), ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
         for _ in progress(pool.map(fill, batches), "candidates", total=len(batches), show=show_progress):
             pass
     return candidates, scores
@@ -324,7 +324,7 @@ def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: n
         items, _ = padded_histories(recommender, users[rows], cap=BECAUSE_HISTORY)
         reasons[rows] = recommender.because_rows(candidates[rows], items, limit)
 
-    with threadpool_limits(1, "blas"), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with threadpool_limits(1, "blas"), one_torch_thread(), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(fill, history_batches(recommender, users, cap=BECAUSE_HISTORY)))
     return reasons
 

@@ -119,19 +119,23 @@ class Events:
 def _time_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
     """Permutation sorting by (user, timestamp, item): one int64 sort when the key fits, else lexsort.
 
-    The int64 sort is torch's stable sort (on the cores torch is allowed): the same permutation as
-    ``np.argsort(kind="stable")``, 5x faster on 20M events (0.7 s against 3.3 s here).
+    The int64 sort is :func:`stable_argsort`.
     """
     if len(user) == 0:
         return np.arange(0)
     t0, span = int(timestamp.min()), int(timestamp.max() - timestamp.min()) + 1
     n_items = int(item.max()) + 1
     if (int(user.max()) + 1) * span * n_items < 2**62:
-        import torch  # not at import: the service imports this module too
-
-        key = (user.astype(np.int64) * span + (timestamp - t0)) * n_items + item
-        return torch.sort(torch.from_numpy(key), stable=True).indices.numpy()
+        return stable_argsort((user.astype(np.int64) * span + (timestamp - t0)) * n_items + item)
     return np.lexsort((item, timestamp, user))
+
+
+def stable_argsort(key: np.ndarray) -> np.ndarray:
+    """``np.argsort(key, kind="stable")`` through torch's stable sort: the same permutation, ~5x faster
+    on 20M int64 keys (0.7 s against 3.3 s here)."""
+    import torch  # not at import: the service imports this module too
+
+    return torch.sort(torch.from_numpy(np.ascontiguousarray(key)), stable=True).indices.numpy()
 
 
 @dataclass

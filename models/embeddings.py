@@ -15,7 +15,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -297,6 +299,18 @@ def text_components(vectors: np.ndarray, components: int = TEXT_COMPONENTS) -> n
     return out
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread inside the block, and on as many as before after it (the job's later
+    torch work, e.g. the nearest-title table, uses every core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def content_vectors(
     catalog: Catalog, cf_items: np.ndarray, viewers: np.ndarray, params: ModelParams, sample: ViewerSample | None = None
 ) -> np.ndarray:
@@ -321,14 +335,15 @@ def content_vectors(
         features = content_features(catalog)
     if params.content_objective not in CONTENT_OBJECTIVES:
         raise ValueError(f"content_objective must be one of {', '.join(CONTENT_OBJECTIVES)}, not {params.content_objective!r}")
-    if params.content_objective == "als":
-        if sample is None:
-            raise ValueError("content_objective 'als' needs the viewer sample of the ALS fit")
-        model = fit_to_als_loss(features, sample, content_network(features.shape[1], cf_items.shape[1], params), params)
-    elif params.content_model == "linear":
-        model = fit_linear_content_model(features[warm], cf_items[warm], np.log1p(viewers[warm]).astype(np.float32))
-    else:
-        model = fit_content_model(features[warm], cf_items[warm], np.log1p(viewers[warm]).astype(np.float32), params)
+    with one_torch_thread():  # small networks: threads cost more in sync than they save
+        if params.content_objective == "als":
+            if sample is None:
+                raise ValueError("content_objective 'als' needs the viewer sample of the ALS fit")
+            model = fit_to_als_loss(features, sample, content_network(features.shape[1], cf_items.shape[1], params), params)
+        elif params.content_model == "linear":
+            model = fit_linear_content_model(features[warm], cf_items[warm], np.log1p(viewers[warm]).astype(np.float32))
+        else:
+            model = fit_content_model(features[warm], cf_items[warm], np.log1p(viewers[warm]).astype(np.float32), params)
     with torch.no_grad():
         return model(torch.from_numpy(features)).numpy().astype(np.float32)
 
@@ -400,7 +415,6 @@ def fit_to_als_loss(features: np.ndarray, sample: ViewerSample, model: torch.nn.
     contiguous, so a step costs batch x (features + sampled viewers) x d.
     ``params.content_steps`` steps of Adam, whatever the catalogue's size.
     """
-    torch.set_num_threads(1)  # a small network: threads cost more in sync than they save
     rng = np.random.default_rng(params.seed)
     titles = np.flatnonzero(sample.scale > 0)
     titles = titles[rng.permutation(len(titles))]
@@ -445,7 +459,6 @@ def fit_content_model(
 ) -> torch.nn.Module:
     """Train an MLP features -> collaborative vector on titles that have viewers."""
     torch.manual_seed(params.seed)
-    torch.set_num_threads(1)  # a tiny MLP: threads cost more in sync than they save
     x = torch.from_numpy(features)
     y = torch.from_numpy(targets)
     w = torch.from_numpy(sample_weight / max(sample_weight.mean(), 1e-9)).float()
@@ -489,9 +502,9 @@ def learn_embeddings(
     """Collaborative factors, content model, and the evidence-weighted blend of the two.
 
     "Watched next" needs only the events and viewer counts, and is mostly
-    single-threaded numpy, so it is built in a thread beside ALS (which
-    releases the GIL): at 20M events on 2 cores, 2-5 s less wall time measured
-    alone and 1-2 s in the job (implicit's threads slow down while it runs).
+    single-threaded numpy, so it is built in a thread beside the content
+    model, which runs on one core after ALS. (Beside ALS it stalled implicit's
+    threads: at 20M events ALS took 31-34 s with it against 25 s alone.)
     ``reuse``: embeddings learned on these same events; each stage whose
     parameters (``*_FIELDS``) are unchanged is taken from it.
     """
@@ -504,27 +517,28 @@ def learn_embeddings(
         viewers = np.bincount(confidence.indices, minlength=confidence.shape[1]).astype(np.int64)  # distinct users
     timings["confidence_matrix"] = time.perf_counter() - started
 
+    started = time.perf_counter()
+    wants_sample = params.content_objective == "als"  # only that objective reads the users' side
+    if reuse is not None and _same(reuse.params, params, ALS_FIELDS) and (reuse.viewer_sample is not None or not wants_sample):
+        cf_items, user_factors, sample = reuse.cf_vectors, None, reuse.viewer_sample
+    else:
+        cf_items, user_factors = fit_collaborative(confidence, params, show_progress=show_progress)
+    timings["als"] = time.perf_counter() - started
+
     def timed_sequence() -> sp.csr_matrix:
         if reuse is not None and _same(reuse.params, params, SEQUENCE_FIELDS):
             return reuse.sequence
         began = time.perf_counter()
         result = sequence_neighbors(events, len(catalog), params, viewers)
-        timings["sequence"] = time.perf_counter() - began  # overlaps "als"
+        timings["sequence"] = time.perf_counter() - began  # overlaps "content_model"
         return result
 
     with ThreadPoolExecutor(1) as beside:
         sequence_future = beside.submit(timed_sequence)
         started = time.perf_counter()
-        wants_sample = params.content_objective == "als"  # only that objective reads the users' side
-        if reuse is not None and _same(reuse.params, params, ALS_FIELDS) and (reuse.viewer_sample is not None or not wants_sample):
-            cf_items, sample = reuse.cf_vectors, reuse.viewer_sample
-        else:
-            cf_items, user_factors = fit_collaborative(confidence, params, show_progress=show_progress)
+        if user_factors is not None:
             sample = viewer_sample(user_factors, confidence, viewers, params.seed) if wants_sample else None
             del user_factors
-        timings["als"] = time.perf_counter() - started
-
-        started = time.perf_counter()
         if reuse is not None and _same(reuse.params, params, CONTENT_FIELDS):
             content = reuse.content_vectors
         else:

@@ -137,3 +137,13 @@ def test_parquet_with_numeric_ids_reads_them_as_strings(tmp_path):
     assert list(events.user_ids) == ["7"] and events.user.tolist() == [0, 0]  # 8 watched only an unknown title
     assert [catalog.item_ids[i] for i in events.item] == ["10", "20"]  # u7's titles in time order
     assert report.unknown_items == 1 and report.unknown_item_examples == ["30"]
+
+
+def test_stable_argsort_is_numpys_stable_argsort():
+    """torch's stable sort behind the loader's time order and the published histories gives numpy's permutation."""
+    from models.data import stable_argsort
+
+    rng = np.random.default_rng(3)
+    for key in (rng.integers(0, 50, 10_000), rng.integers(-(2**40), 2**40, 5_000), np.zeros(7, np.int64), np.arange(0)):
+        key = key.astype(np.int64)
+        np.testing.assert_array_equal(stable_argsort(key), np.argsort(key, kind="stable"))

@@ -159,3 +159,34 @@ def test_the_content_models_viewer_sample_is_bounded_and_stands_for_every_viewer
     assert np.isfinite(als).all() and np.abs(als).sum(axis=1).min() > 0
     with pytest.raises(ValueError, match="content_objective must be one of regression, als"):
         content_vectors(catalog, base.cf_vectors, viewers, replace(params, content_objective="exact"), sample)
+
+
+@pytest.mark.parametrize("content_model,objective", [("linear", "als"), ("mlp", "regression")])
+def test_the_content_model_fits_on_one_torch_thread_and_gives_the_rest_of_the_job_its_threads(
+    demo_files, monkeypatch, content_model, objective
+):
+    """The content model trains on one torch thread; afterwards torch has its threads back, so later work in
+    the same process (the nearest-title table) is not left on one core (it was, for the rest of the job)."""
+    import torch
+
+    import models.embeddings as embeddings_module
+
+    catalog, _ = load_catalog(demo_files["catalog"])
+    events, _ = load_events(demo_files["events"], catalog)
+    params = ModelParams(iterations=2, content_steps=5, content_model=content_model, content_objective=objective)
+    during = []
+    fit = embeddings_module.fit_to_als_loss if objective == "als" else embeddings_module.fit_content_model
+
+    def spy(*args, **kwargs):
+        during.append(torch.get_num_threads())
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(embeddings_module, fit.__name__, spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        learn_embeddings(events, catalog, params, show_progress=False)
+        assert during == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
