@@ -399,6 +399,38 @@ def content_network(inputs: int, outputs: int, params: ModelParams) -> torch.nn.
     return torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, outputs))
 
 
+class Adam:
+    """``torch.optim.Adam``'s update on CPU (its single-tensor form, default betas and eps), step for step.
+
+    Only because ``torch.optim``'s first optimizer imports ``torch._dynamo``: 1-2 s of every
+    job for two small networks. tests/test_embeddings.py checks it against ``torch.optim.Adam``.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.steps)
+        root_correction = (1 - beta2**self.steps) ** 0.5
+        for p, (mean, square) in zip(self.params, self.moments):
+            if p.grad is None:
+                continue
+            grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            mean.lerp_(grad, 1 - beta1)
+            square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            p.addcdiv_(mean, (square.sqrt() / root_correction).add_(self.eps), value=-step_size)
+
+
 CONTENT_BATCH = 1024  # titles per optimizer step of the content model
 CONTENT_WEIGHT_DECAY = 1.0  # L2 on the content network's weights, per viewer pair of the loss
 
@@ -433,7 +465,7 @@ def fit_to_als_loss(features: np.ndarray, sample: ViewerSample, model: torch.nn.
     pairs = max(float(w.sum()), 1.0)
     size = min(CONTENT_BATCH, len(titles))
     batches = [(lo, min(lo + size, len(titles))) for lo in range(0, len(titles), size)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = Adam(model.parameters(), lr=1e-2)
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     step = 0
     while step < params.content_steps:
@@ -469,7 +501,7 @@ def fit_content_model(
         torch.nn.ReLU(),
         torch.nn.Linear(params.content_hidden, targets.shape[1]),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
+    optimizer = Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
     # A fixed number of steps, not epochs: the cost stays flat as the catalogue grows.
     generator = torch.Generator().manual_seed(params.seed)
     batch = min(1024, len(x))

@@ -190,3 +190,29 @@ def test_the_content_model_fits_on_one_torch_thread_and_gives_the_rest_of_the_jo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_the_content_models_adam_takes_torch_optims_steps(weight_decay):
+    """models.embeddings.Adam (no torch._dynamo import) moves a network exactly as torch.optim.Adam does."""
+    import torch
+
+    from models.embeddings import Adam
+
+    def trained(make_optimizer):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        optimizer = make_optimizer(net.parameters())
+        x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.randn(32, 3)
+        for _ in range(25):
+            optimizer.zero_grad()
+            ((net(x) - y) ** 2).mean().backward()
+            optimizer.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    ours = trained(lambda p: Adam(p, lr=1e-2, weight_decay=weight_decay))
+    theirs = trained(lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=weight_decay, foreach=False))
+    moved = trained(lambda p: Adam(p, lr=0.0))
+    for a, b, still in zip(ours, theirs, moved):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a, still)
