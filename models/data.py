@@ -30,6 +30,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +49,8 @@ CATALOG_NUMERIC = ("year", "episode_minutes", "seasons", "episodes")
 DEFAULT_MAX_REJECTED_SHARE = 0.01
 MAX_ID_LENGTH = 128
 FUTURE_TOLERANCE_SECONDS = 86400  # clocks drift; a viewing dated later than a day from now is an error
+PARALLEL_ROWS = 1_000_000  # Events.subset gathers its columns in two threads from this many rows
+LATEST_VALID_TIMESTAMP = 4102444800  # 2100-01-01: a later unix time is a unit mistake (ms), not a viewing
 MAX_WATCH_SECONDS = 86400.0  # one viewing (an episode or a film) lasts at most a day
 _CSV_BLOCK_BYTES = 1 << 24  # also the longest CSV row that can be read
 
@@ -91,13 +94,11 @@ class Events:
 
     def subset(self, mask: np.ndarray) -> Events:
         """Rows where ``mask`` holds (or at these positions); user ids are kept so indices stay valid."""
-        return Events(
-            self.user_ids,
-            self.user[mask],
-            self.item[mask],
-            self.timestamp[mask],
-            self.watch_seconds[mask],
-        )
+        columns = (self.user, self.item, self.timestamp, self.watch_seconds)
+        if len(mask) < PARALLEL_ROWS:
+            return Events(self.user_ids, *(column[mask] for column in columns))
+        with ThreadPoolExecutor(2) as pool:  # numpy's gathers release the GIL: two columns at a time
+            return Events(self.user_ids, *pool.map(lambda column: column[mask], columns))
 
     def active_users(self) -> int:
         """Users with at least one event (``user_ids`` also names users a subset left out)."""
@@ -327,8 +328,10 @@ def _distinct_ids(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, pa.Chu
 
 def _kept_ids(distinct: pa.Array, positions: np.ndarray, keep: np.ndarray) -> pa.ChunkedArray:
     """The ids of the kept rows, as a dictionary column holding only the ids they use."""
-    kept = positions[keep]
+    kept = positions if keep.all() else positions[keep]  # every row kept: the usual night
     used = np.bincount(kept, minlength=len(distinct)) > 0
+    if used.all():
+        return pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(kept.astype(np.int32, copy=False)), distinct)])
     remap = np.cumsum(used) - 1
     return pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(remap[kept].astype(np.int32)), distinct.filter(pa.array(used)))])
 
@@ -534,11 +537,17 @@ def _watch_seconds_fast(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray
     Same rules as the general path: blank (null, or NaN in a float column) is
     unknown, text that is not a number or a negative number is bad.
     """
+    blank = column.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(column.type):  # whole seconds as Parquet stores them: no float round trip
+        seconds = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
+        bad = (seconds < 0) | (seconds > MAX_WATCH_SECONDS)
+        values = seconds.astype(np.float32)
+        values[bad | blank] = np.nan
+        return values, bad
     try:
         seconds = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    blank = column.is_null().to_numpy(zero_copy_only=False)
     if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
         blank = blank | np.isnan(seconds)
     bad = (np.isnan(seconds) & ~blank) | (seconds < 0) | (seconds > MAX_WATCH_SECONDS)
@@ -578,9 +587,14 @@ def validate_events(
     reject exactly the same rows.
     """
     # Ids stay Arrow strings until the end (a Python object per row costs GBs at 20M rows), and each
-    # distinct id is checked once.
-    user_ids, user_pos, users = _distinct_ids(table["user_id"])
-    item_ids, item_pos, items_raw = _distinct_ids(table["item_id"])
+    # distinct id is checked once. Arrow releases the GIL: the two id columns are read side by side.
+    with ThreadPoolExecutor(1) as beside:
+        items_future = beside.submit(_distinct_ids, table["item_id"])
+        has_ws = "watch_seconds" in table.column_names
+        ws_future = beside.submit(_watch_seconds_fast, table["watch_seconds"]) if has_ws else None
+        user_ids, user_pos, users = _distinct_ids(table["user_id"])
+        item_ids, item_pos, items_raw = items_future.result()
+        numeric_ws = ws_future.result() if has_ws else None
     keep = ~_row_flags(_bad_id_mask(user_ids), user_pos, True)  # a null id is blank
     rejections.add(path, "user_id", ~keep, users, "blank, too long or with control characters")
     bad_item = _row_flags(_bad_id_mask(item_ids), item_pos, True)
@@ -591,14 +605,18 @@ def validate_events(
         ts = pc.cast(ts_column, pa.timestamp("s")).cast(pa.int64()).to_numpy(zero_copy_only=False)
         ts = np.nan_to_num(ts.astype("float64"), nan=-1).astype(np.int64)
         ts_raw = ts
+    elif pa.types.is_integer(ts_column.type):  # unix seconds as Parquet stores them: no float round trip
+        ts = pc.fill_null(ts_column, -1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        ts = np.where((ts >= 0) & (ts <= LATEST_VALID_TIMESTAMP), ts, -1)
+        ts_raw = ts_column
     else:
         try:  # fast path: a clean column of unix seconds
             ts = pc.cast(ts_column, pa.float64()).to_numpy(zero_copy_only=False)
-            ts = np.where(np.isfinite(ts) & (ts >= 0) & (ts <= 4102444800), ts, -1).astype(np.int64)
+            ts = np.where(np.isfinite(ts) & (ts >= 0) & (ts <= LATEST_VALID_TIMESTAMP), ts, -1).astype(np.int64)
             ts_raw = ts_column
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             ts_raw = ts_column.to_numpy(zero_copy_only=False)
-            ts = parse_timestamps(ts_raw, 4102444800)
+            ts = parse_timestamps(ts_raw, LATEST_VALID_TIMESTAMP)
     bad_ts = ts < 0
     ts_values = ts_raw if isinstance(ts_raw, pa.ChunkedArray) else np.asarray(ts_raw, dtype=object)
     rejections.add(path, "timestamp", bad_ts & keep, ts_values, "not unix seconds or ISO-8601")
@@ -606,7 +624,6 @@ def validate_events(
     future = ts > latest  # one such row would be the recency weighting's "now" for the whole model
     rejections.add(path, "timestamp", future & keep, ts_values, "later than a day from now")
     keep &= ~future
-    numeric_ws = _watch_seconds_fast(table["watch_seconds"]) if "watch_seconds" in table.column_names else None
     if numeric_ws is not None:
         ws, bad = numeric_ws
         rejections.add(path, "watch_seconds", bad & keep, table["watch_seconds"], f"not a number from 0 to {MAX_WATCH_SECONDS:.0f}")
@@ -673,10 +690,10 @@ def load_events(
     codes, user_ids = _sorted_codes(user_parts)
     events = Events(
         user_ids=user_ids,
-        user=codes.astype(np.int32),
-        item=np.concatenate(item_parts).astype(np.int32),
-        timestamp=np.concatenate(ts_parts).astype(np.int64),
-        watch_seconds=np.concatenate(ws_parts).astype(np.float32),
+        user=codes.astype(np.int32, copy=False),
+        item=np.concatenate(item_parts).astype(np.int32, copy=False),
+        timestamp=np.concatenate(ts_parts).astype(np.int64, copy=False),
+        watch_seconds=np.concatenate(ws_parts).astype(np.float32, copy=False),
     )
     if len(events) == 0:
         raise DataError(f"{', '.join(report.files)}: no valid events (of {report.rows_read} rows read)")

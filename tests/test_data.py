@@ -147,3 +147,36 @@ def test_stable_argsort_is_numpys_stable_argsort():
     for key in (rng.integers(0, 50, 10_000), rng.integers(-(2**40), 2**40, 5_000), np.zeros(7, np.int64), np.arange(0)):
         key = key.astype(np.int64)
         np.testing.assert_array_equal(stable_argsort(key), np.argsort(key, kind="stable"))
+
+
+def test_integer_parquet_times_and_watch_seconds_follow_the_csv_rules(tmp_path, tiny_catalog):
+    """Integer Parquet columns take a path without a float round trip: nulls, negatives, a millisecond
+    timestamp and a too-long viewing are rejected or unknown exactly as the same rows in CSV are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    catalog, _ = load_catalog(tiny_catalog)
+    rows = {
+        "user_id": ["u1", "u1", "u2", "u2", "u3", "u3", "u4", "u4"],
+        "item_id": ["a", "b", "c", "a", "b", "c", "a", "b"],
+        "timestamp": [1700000000, None, 1700000002, -5, 1700000004, 1700000005000, 1700000006, 1700000007],
+        "watch_seconds": [60, 120, None, 30, -1, 10, 86401, 86400],
+    }
+    parquet = tmp_path / "events.parquet"
+    table = pa.table({**rows, "timestamp": pa.array(rows["timestamp"], pa.int64()),
+                      "watch_seconds": pa.array(rows["watch_seconds"], pa.int64())})  # fmt: skip
+    pq.write_table(table, parquet, row_group_size=3)
+    csv = tmp_path / "events.csv"
+    pd.DataFrame(rows).astype({"timestamp": "Int64", "watch_seconds": "Int64"}).to_csv(csv, index=False)
+    (from_csv, csv_report), (from_parquet, parquet_report) = (
+        load_events(path, catalog, max_rejected_share=0.9) for path in (csv, parquet)
+    )
+    assert parquet_report.rows_rejected == csv_report.rows_rejected == {
+        "timestamp: not unix seconds or ISO-8601": 3,
+        "watch_seconds: not a number from 0 to 86400": 2,
+    }
+    for column in ("user", "item", "timestamp"):
+        assert getattr(from_parquet, column).tolist() == getattr(from_csv, column).tolist()
+    np.testing.assert_array_equal(from_parquet.watch_seconds, from_csv.watch_seconds)  # NaN where unknown
+    assert from_parquet.timestamp.tolist() == [1700000000, 1700000002, 1700000007]
+    assert np.isnan(from_parquet.watch_seconds[1]) and from_parquet.watch_seconds[2] == 86400
