@@ -36,6 +36,7 @@ MAX_BATCH_USERS = 2048
 # The exact nearest-title table costs titles^2 x dimensions (~40-55 s at 100k titles on 2 cores); above
 # this many titles versions go without it and workers search Annoy per title instead (cached).
 NEIGHBOUR_TABLE_MAX = 200_000
+TOPK_CHUNK = 32  # columns per chunk of top_k's first pass
 SCORE_BLOCK_ENTRIES = 8_000_000  # users x titles scored at once (32 MB of float32 per thread)
 
 
@@ -250,9 +251,12 @@ def precompute_candidates(
     """
     candidates = np.full((len(users), size), -1, dtype=np.int32)
     scores = np.zeros((len(users), size), dtype=np.float32)
-    vectors_t = np.ascontiguousarray(np.asarray(recommender.vectors, dtype=np.float32).T)
-    keep = min(size, recommender.n_items)
-    rows_per_block = max(1, SCORE_BLOCK_ENTRIES // recommender.n_items)
+    n_items = recommender.n_items
+    width = -(-n_items // TOPK_CHUNK) * TOPK_CHUNK  # score rows padded for top_k; padding scores -inf
+    vectors_t = np.zeros((recommender.dim, width), dtype=np.float32)
+    vectors_t[:, :n_items] = np.asarray(recommender.vectors, dtype=np.float32).T
+    keep = min(size, n_items)
+    rows_per_block = max(1, SCORE_BLOCK_ENTRIES // width)
     blend = recommender.seq_weight > 0
     strengths = sp.csr_matrix(
         (recommender.seq_weights, recommender.seq_indices, recommender.seq_indptr),
@@ -272,7 +276,8 @@ def precompute_candidates(
         scaled = (q64 / spread[:, None]).astype(np.float32)
         for at in range(0, len(rows), rows_per_block):
             block = rows[at : at + rows_per_block]
-            block_scores = scaled[at : at + rows_per_block] @ vectors_t  # [n, titles]
+            block_scores = scaled[at : at + rows_per_block] @ vectors_t  # [n, titles + padding]
+            block_scores[:, n_items:] = -np.inf
             row_offset = offset[at : at + rows_per_block].copy()
             if blend:
                 recent = history[at : at + rows_per_block, :SEQUENCE_HISTORY]
@@ -291,14 +296,13 @@ def precompute_candidates(
                 seq_spread = np.sqrt(np.maximum(squares / recommender.n_items - mean**2, 1e-24))
                 scale = np.where(nonempty, recommender.seq_weight / seq_spread, 0.0)
                 # Scatter-add into the block, 1-D: torch's index_add_ is ~1.5x numpy's fancy-index +=.
-                flat = np.repeat(np.arange(len(block)) * recommender.n_items, counts) + watched_next.indices
+                flat = np.repeat(np.arange(len(block)) * width, counts) + watched_next.indices
                 contribution = watched_next.data * np.repeat(scale.astype(np.float32), counts)
                 torch.from_numpy(block_scores).view(-1).index_add_(0, torch.from_numpy(flat), torch.from_numpy(contribution))
                 row_offset -= mean * scale
             watched = seen[users[block]]
             block_scores[np.repeat(np.arange(len(block)), np.diff(watched.indptr)), watched.indices] = -np.inf
-            # torch's top-k is ~10x numpy's argpartition over a 100k-title row.
-            top_scores, top = (t.numpy() for t in torch.topk(torch.from_numpy(block_scores), keep, dim=1))
+            top_scores, top = (t.numpy() for t in top_k(torch.from_numpy(block_scores), keep))
             unseen = np.isfinite(top_scores)  # a user who has seen almost everything gets fewer
             candidates[block, :keep] = np.where(unseen, top, -1)
             scores[block, :keep] = np.where(unseen, top_scores + row_offset[:, None].astype(np.float32), 0.0)
@@ -309,6 +313,30 @@ def precompute_candidates(
         for _ in progress(pool.map(fill, batches), "candidates", total=len(batches), show=show_progress):
             pass
     return candidates, scores
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1)``: each row's ``k`` largest values, best first, and their columns.
+
+    Exact, and ~25 % cheaper on wide rows whose width is a multiple of TOPK_CHUNK: only the ``k``
+    chunks of TOPK_CHUNK columns with the largest maxima can hold a row's top ``k`` (an entry of any
+    other chunk is beaten by ``k`` chunk maxima), and within them only entries at or above the
+    ``k``-th largest maximum (there are at least ``k`` such). Equal values may come in another order
+    than torch's. (torch's top-k itself is ~10x numpy's argpartition over a 100k-title row.)
+    """
+    n, width = scores.shape
+    if width % TOPK_CHUNK or width < 4 * k * TOPK_CHUNK or k == 0:
+        return torch.topk(scores, k, dim=1)
+    maxima, chunks = torch.topk(scores.view(n, -1, TOPK_CHUNK).amax(2), k, dim=1, sorted=False)
+    columns = (chunks.unsqueeze(2) * TOPK_CHUNK + torch.arange(TOPK_CHUNK)).view(n, -1)
+    values = torch.gather(scores, 1, columns)
+    rows, at = (values >= maxima.amin(1, keepdim=True)).nonzero(as_tuple=True)
+    kept = values[rows, at]
+    order = torch.argsort(kept, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]  # by row, best first within each row
+    counts = torch.bincount(rows, minlength=n)
+    picked = order[(torch.cumsum(counts, 0) - counts).unsqueeze(1) + torch.arange(k)]  # each row's first k
+    return kept[picked], columns[rows[picked], at[picked]]
 
 
 def candidate_reasons(recommender: Recommender, users: np.ndarray, candidates: np.ndarray, limit: int = 2) -> np.ndarray:

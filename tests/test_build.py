@@ -279,3 +279,28 @@ def test_versions_published_before_the_table_and_the_positions_still_serve(train
     assert new.candidate_reasons(new.user(new.user_ids[user]), keep) == titles
     old.close()
     new.close()
+
+
+def test_top_k_is_torchs_top_k_on_wide_rows_with_ties_and_unscorable_titles():
+    """models.build.top_k (chunk maxima first) returns torch.topk's values, best first, and columns holding them."""
+    import torch
+
+    from models.build import TOPK_CHUNK, top_k
+
+    rng = np.random.default_rng(8)
+    width = 200 * TOPK_CHUNK
+    scores = rng.standard_normal((40, width)).astype(np.float32)
+    scores[1] = np.round(scores[1])  # many ties
+    scores[2, 50:] = -np.inf  # fewer scorable titles than k
+    scores[3] = -np.inf
+    scores[4, :: TOPK_CHUNK] = 9.0  # the best title of every chunk ties
+    scores[5, :64] = 5.0 + np.arange(64)  # the whole top in two chunks
+    for k in (1, 20, 50):
+        values, columns = top_k(torch.from_numpy(scores), k)
+        expected, _ = torch.topk(torch.from_numpy(scores), k, dim=1)
+        assert torch.equal(values, expected)
+        assert torch.equal(torch.gather(torch.from_numpy(scores), 1, columns), values)
+        assert all(len(set(row)) == k for row in columns.tolist())  # no column twice
+    # Narrow or unpadded rows go straight to torch.topk.
+    narrow = torch.from_numpy(scores[:, : width - 1].copy())
+    assert torch.equal(top_k(narrow, 5)[1], torch.topk(narrow, 5, dim=1)[1])
