@@ -145,3 +145,39 @@ def test_unit_vectors_and_similar_meanings_lie_close(app):
     assert vectors.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-4)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+
+
+def test_the_synopsis_index_is_taken_from_the_live_version_while_the_synopses_are_unchanged(demo_files, store, tmp_path):
+    """The next night fetches the live version's text.ann (checksum verified) instead of building it again;
+    a damaged part, or a changed synopsis, builds it."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from jobs.nightly import NightlyConfig, run_nightly
+    from models.embeddings import ModelParams
+
+    config = NightlyConfig(
+        events=str(demo_files["events"]), catalog=str(demo_files["catalog"]), show_progress=False, evaluate=False,
+        params=ModelParams(content_steps=10, iterations=2, n_trees=4), live_events=False, text_cache=str(tmp_path / "text"),
+    )  # fmt: skip
+    first = run_nightly(config, store)
+    assert first.meta["text_index"]["reused_from"] is None and first.meta["text_index"]["trees"] == 10
+    second = run_nightly(config, store)
+    assert second.meta["text_index"] == {**first.meta["text_index"], "reused_from": first.version}
+    assert second.parts["text.ann"] == first.parts["text.ann"]
+    assert store.meta(second.version)["parts"]["text.ann"]["sha256"] == store.meta(first.version)["parts"]["text.ann"]["sha256"]
+
+    # A damaged part in Redis is never served on: the job builds the index instead.
+    store.redis.set(store.keys.part(second.version, "text.ann", 0), b"garbage")
+    third = run_nightly(config, store)
+    assert third.meta["text_index"]["reused_from"] is None and len(third.parts["text.ann"]) == len(first.parts["text.ann"])
+
+    # A changed synopsis changes the vectors: built again.
+    catalog = pd.read_csv(demo_files["catalog"], dtype=str, keep_default_na=False)
+    catalog.loc[0, "description"] = "A lighthouse keeper and a whale become unlikely friends."
+    changed = tmp_path / "catalog.csv"
+    catalog.to_csv(changed, index=False)
+    fourth = run_nightly(replace(config, catalog=str(changed)), store)
+    assert fourth.meta["text_index"]["reused_from"] is None
+    assert fourth.meta["text_index"]["vectors_sha256"] != first.meta["text_index"]["vectors_sha256"]
