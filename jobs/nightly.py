@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import scipy.sparse as sp
 
 from models.build import annoy_bytes, build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
 from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, LoadReport, load_catalog, load_events
-from models.embeddings import PARAM_CHOICES, ModelParams, learn_embeddings, train_threads
+from models.embeddings import PARAM_CHOICES, ModelParams, confidence_and_viewers, learn_embeddings, train_threads
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import compact, take_for_job
 from models.offline import cold_start_evaluation, select_params, served_top_k
@@ -154,12 +155,14 @@ def evaluate_params(
 
 def evaluate_on_sample(
     config: NightlyConfig, evaluated: Events, catalog: Catalog, params: ModelParams, n_events: int, timings: dict,
-    rank=None,
+    rank=None, chosen=None,
 ) -> tuple[ModelParams, dict, list[dict]]:
     """Selection, the holdout evaluation and the cold-start check on a sample of whole users (either engine).
 
     ``rank(train, catalog, params, users, k)``: the engine's top-k lists of
     ``users`` from a model trained on ``train``; the implicit engine's by default.
+    ``chosen(params)``: called once the parameters are final, before the
+    holdout evaluation (the engine may start the final model's work then).
     Returns (chosen parameters, metrics, selection trials).
     """
     report("evaluate", 0, 1)
@@ -195,6 +198,8 @@ def evaluate_on_sample(
         if cold.get("content_model"):  # the content model form and objective that placed new titles best
             params = replace(params, content_model=cold["content_model"], content_objective=cold["content_objective"])
         timings["cold_start"] = time.perf_counter() - cold_at
+    if chosen is not None:
+        chosen(params)
     evaluation = evaluate_params(
         train, evaluated.subset(~train_mask), catalog, params.at_scale(train), config.show_progress, rank=rank
     )
@@ -441,9 +446,21 @@ def train_implicit(config: NightlyConfig, events_spec: str, catalog: Catalog, ti
     )
 
     evaluation, selection = None, []
-    if config.evaluate:
-        sample = evaluation_sample(events, MAX_EVAL_EVENTS, seed=params.seed)
-        params, evaluation, selection = evaluate_on_sample(config, sample, catalog, params, len(events), timings)
+    with ThreadPoolExecutor(1) as beside:
+        # The holdout evaluation leaves a core idle for seconds: once the parameters are final, the
+        # full confidence matrix is built beside it (20M events: 1.9 s off the job).
+        confidence = None
+
+        def start_confidence(chosen: ModelParams) -> None:
+            nonlocal confidence
+            confidence = beside.submit(confidence_and_viewers, events, catalog, chosen)
+
+        if config.evaluate:
+            sample = evaluation_sample(events, MAX_EVAL_EVENTS, seed=params.seed)
+            params, evaluation, selection = evaluate_on_sample(
+                config, sample, catalog, params, len(events), timings, chosen=start_confidence
+            )
+        confidence = confidence.result() if confidence is not None else None
 
     report("train", 0, 1)
     started = time.perf_counter()
@@ -453,7 +470,7 @@ def train_implicit(config: NightlyConfig, events_spec: str, catalog: Catalog, ti
         params = params.at_scale(events)
         scaled.update(fit_users=events.active_users(), value=params.regularization)
         log.info("regularization %(chosen).1f chosen on %(chosen_on_users)d users -> %(value).1f for %(fit_users)d", scaled)
-    embeddings = learn_embeddings(events, catalog, params, show_progress=config.show_progress)
+    embeddings = learn_embeddings(events, catalog, params, show_progress=config.show_progress, confidence=confidence)
     timings.update({f"train_{k}": v for k, v in embeddings.timings.items()})
     timings["train"] = time.perf_counter() - started
 

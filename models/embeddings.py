@@ -528,8 +528,15 @@ def _same(a: ModelParams, b: ModelParams, fields: tuple[str, ...]) -> bool:
     return all(getattr(a, name) == getattr(b, name) for name in fields)
 
 
+def confidence_and_viewers(events: Events, catalog: Catalog, params: ModelParams) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The confidence matrix and each title's distinct viewers: learn_embeddings' first stage."""
+    confidence = confidence_matrix(events, catalog, params)
+    return confidence, np.bincount(confidence.indices, minlength=confidence.shape[1]).astype(np.int64)
+
+
 def learn_embeddings(
-    events: Events, catalog: Catalog, params: ModelParams, show_progress: bool = True, reuse: Embeddings | None = None
+    events: Events, catalog: Catalog, params: ModelParams, show_progress: bool = True, reuse: Embeddings | None = None,
+    confidence: tuple[sp.csr_matrix, np.ndarray] | None = None,
 ) -> Embeddings:
     """Collaborative factors, content model, and the evidence-weighted blend of the two.
 
@@ -538,15 +545,17 @@ def learn_embeddings(
     model, which runs on one core after ALS. (Beside ALS it stalled implicit's
     threads: at 20M events ALS took 31-34 s with it against 25 s alone.)
     ``reuse``: embeddings learned on these same events; each stage whose
-    parameters (``*_FIELDS``) are unchanged is taken from it.
+    parameters (``*_FIELDS``) are unchanged is taken from it. ``confidence``:
+    :func:`confidence_and_viewers` of these events and parameters, built already.
     """
     timings = {}
     started = time.perf_counter()
-    if reuse is not None and _same(reuse.params, params, CONFIDENCE_FIELDS):
+    if confidence is not None:
+        confidence, viewers = confidence
+    elif reuse is not None and _same(reuse.params, params, CONFIDENCE_FIELDS):
         confidence, viewers = reuse.confidence, reuse.viewers
     else:
-        confidence = confidence_matrix(events, catalog, params)
-        viewers = np.bincount(confidence.indices, minlength=confidence.shape[1]).astype(np.int64)  # distinct users
+        confidence, viewers = confidence_and_viewers(events, catalog, params)
     timings["confidence_matrix"] = time.perf_counter() - started
 
     started = time.perf_counter()

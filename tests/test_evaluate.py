@@ -235,3 +235,34 @@ def test_a_search_is_reused_only_while_it_applies(change, reused):
     config = NightlyConfig(events="e", catalog="c", previous_tuning={**previous, **change}, selection_max_age_days=7)
     assert (reusable_tuning(config, events, titles) is not None) == reused
     assert reusable_tuning(NightlyConfig(events="e", catalog="c", previous_tuning=previous, selection_max_age_days=0), 1_500, 100) is None
+
+
+def test_the_full_confidence_matrix_is_built_beside_the_holdout_with_the_chosen_parameters(demo_files, monkeypatch):
+    """Once selection has chosen, the job builds the final model's confidence matrix in a thread while the
+    holdout evaluation runs, with the chosen parameters; the model is the one built without the head start."""
+    import threading
+    from dataclasses import replace
+
+    import jobs.nightly as nightly
+    from models.embeddings import ModelParams, confidence_and_viewers
+
+    calls = []
+
+    def spy(events, catalog, params):
+        calls.append((params, threading.current_thread() is threading.main_thread(), len(events)))
+        return confidence_and_viewers(events, catalog, params)
+
+    monkeypatch.setattr(nightly, "confidence_and_viewers", spy)
+    config = nightly.NightlyConfig(
+        events=str(demo_files["events"]), catalog=str(demo_files["catalog"]), show_progress=False, publish=False,
+        params=ModelParams(content_steps=20, iterations=3, n_trees=4), selection_budget=3.0, live_events=False, text=False,
+    )  # fmt: skip
+    result = nightly.run_nightly(config)
+    assert len(calls) == 1
+    chosen, on_main_thread, n_events = calls[0]
+    assert not on_main_thread and n_events == result.meta["counts"]["events"]
+    assert chosen.alpha == result.meta["params"]["alpha"] and chosen.recency_half_life_days == result.meta["params"]["recency_half_life_days"]
+    assert result.meta["selection"]  # a search ran first, and the matrix used what it chose
+    # Without an evaluation there is nothing to run beside: the matrix is built in learn_embeddings.
+    nightly.run_nightly(replace(config, evaluate=False))
+    assert len(calls) == 1
