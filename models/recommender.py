@@ -248,7 +248,10 @@ class Recommender:
 
     def _history_terms(self, items: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         present = items >= 0
-        vh = np.where(present[..., None], self.vectors[np.maximum(items, 0)], 0.0).astype(np.float64)  # [n, h, d]
+        if len(items) > 1:  # a batch (the job): one gather; padding (-1) reads the zero last row
+            vh = self._vectors64_padded[items]  # [n, h, d]
+        else:
+            vh = np.where(present[..., None], self.vectors[np.maximum(items, 0)], 0.0).astype(np.float64)
         return present, vh, np.where(present, weights, 0.0).astype(np.float64)
 
     def _solve_direct(self, present: np.ndarray, vh: np.ndarray, confidence: np.ndarray) -> np.ndarray:
@@ -262,7 +265,7 @@ class Recommender:
         """The same solve through Woodbury: with G = VᵀV + λI, D = Cₕ - I >= 0 and Wₕ = Vₕ G⁻¹,
         u = y - Wₕᵀ D^½ (I + D^½ Vₕ Wₕᵀ D^½)⁻¹ D^½ Vₕ y where y = G⁻¹ Vₕᵀ Cₕ 1 = Wₕᵀ Cₕ 1.
         """
-        wh = np.where(present[..., None], self._gram_solved_rows[np.maximum(items, 0)], 0.0)  # [n, h, d]
+        wh = self._gram_solved_rows[items]  # [n, h, d]; padding (-1) reads the zero last row
         root = np.sqrt(np.maximum(confidence - 1.0, 0.0))  # padding: 0
         y = np.einsum("nhd,nh->nd", wh, confidence)
         inner = root[:, :, None] * (vh @ wh.transpose(0, 2, 1)) * root[:, None, :]
@@ -273,9 +276,16 @@ class Recommender:
 
     @cached_property
     def _gram_solved_rows(self) -> np.ndarray:
-        """V G⁻¹ (float64 [items, d]); only batch solves build it, never a serving worker."""
+        """V G⁻¹ (float64 [items + 1, d], the last row zero for padding); only batch solves build it,
+        never a serving worker."""
         g = self.gram.astype(np.float64) + self.regularization * np.eye(self.dim)
-        return np.linalg.solve(g, np.asarray(self.vectors, dtype=np.float64).T).T
+        solved = np.linalg.solve(g, np.asarray(self.vectors, dtype=np.float64).T).T
+        return np.vstack([solved, np.zeros((1, self.dim))])
+
+    @cached_property
+    def _vectors64_padded(self) -> np.ndarray:
+        """V as float64 [items + 1, d], the last row zero for padding; batch solves only, as above."""
+        return np.vstack([np.asarray(self.vectors, dtype=np.float64), np.zeros((1, self.dim))])
 
     def sequence_scores(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Titles "watched next" to the history and their summed strengths (sparse: (items, values))."""
