@@ -205,9 +205,22 @@ def user_records(parts: dict[str, bytes]):
     because = arrays.get("candidate_because.npy")
     if because is None or because.dtype != np.uint8:  # no positions to store: the service explains live
         because = np.zeros((*candidates.shape, 0), np.uint8)
-    for row, user_id in enumerate(ids):
-        start, end = indptr[row], indptr[row + 1]
-        yield str(user_id), pack_user(items[start:end], weights[start:end], candidates[row], scores[row], because[row])
+    counts = (candidates >= 0).sum(axis=1)
+    if not np.array_equal(candidates >= 0, np.arange(candidates.shape[1]) < counts[:, None]):  # -1 not only at the end
+        for row, user_id in enumerate(ids):
+            start, end = indptr[row], indptr[row + 1]
+            yield str(user_id), pack_user(items[start:end], weights[start:end], candidates[row], scores[row], because[row])
+        return
+    # As the job writes them (each list -1 padded at its end): pack_user's bytes from slices, ~3x faster.
+    items, weights = np.ascontiguousarray(items, "<i4"), np.ascontiguousarray(weights, "<f4")
+    candidates, scores = np.ascontiguousarray(candidates, "<i4"), np.ascontiguousarray(scores, "<f4")
+    because = np.ascontiguousarray(because, np.uint8)
+    header, reasons = _USER_HEADER.pack, because.shape[2]
+    for row, (user_id, start, end, n) in enumerate(zip(ids, indptr[:-1].tolist(), indptr[1:].tolist(), counts.tolist())):
+        yield str(user_id), b"".join((
+            header(USER_MAGIC, end - start, n, reasons), items[start:end].tobytes(), weights[start:end].tobytes(),
+            candidates[row, :n].tobytes(), scores[row, :n].tobytes(), because[row, :n].tobytes(),
+        ))  # fmt: skip
 
 
 def required_parts(meta: dict) -> tuple[str, ...]:

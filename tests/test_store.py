@@ -153,3 +153,39 @@ def test_a_bad_event_shards_setting_is_refused_with_its_value(monkeypatch, value
         event_shards(cluster=False)
     monkeypatch.setenv("EVENT_SHARDS", "")
     assert event_shards(cluster=False) == 1 and event_shards(cluster=True) == 16
+
+
+@pytest.mark.parametrize("gap", [False, True])
+def test_user_records_are_pack_users_bytes_whatever_the_padding(gap):
+    """models.store.user_records packs the job's layout (each list -1 padded at its end) from slices; any other
+    layout (a -1 between titles) goes through pack_user. Both give pack_user's bytes."""
+    import io
+
+    import orjson
+
+    from models.build import npy_bytes
+    from models.store import user_records
+
+    rng = np.random.default_rng(2)
+    lengths = np.array([0, 3, 1, 5])
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    candidates = np.array([[4, 2, -1, -1], [1, -1, -1, -1], [-1, -1, -1, -1], [0, 1, 2, 3]], np.int32)
+    if gap:
+        candidates[3, 1] = -1
+    arrays = {
+        "history_indptr.npy": indptr, "history_items.npy": rng.integers(0, 9, lengths.sum()).astype(np.int32),
+        "history_weights.npy": rng.random(lengths.sum()).astype(np.float32), "candidates.npy": candidates,
+        "candidate_scores.npy": rng.random(candidates.shape).astype(np.float32),
+        "candidate_because.npy": (rng.integers(0, 5, (*candidates.shape, 2)) % np.maximum(lengths, 1)[:, None, None]).astype(np.uint8),
+    }  # fmt: skip
+    arrays["candidate_because.npy"][lengths == 0] = 255  # NO_REASON: nothing to explain with
+    parts = {name: npy_bytes(a) for name, a in arrays.items()} | {"users.json": orjson.dumps(["a", "b", "c", "d"])}
+    records = list(user_records(parts))
+    assert [user for user, _ in records] == ["a", "b", "c", "d"]
+    a = {name: np.load(io.BytesIO(blob)) for name, blob in parts.items() if name.endswith(".npy")}
+    for row, (_, record) in enumerate(records):
+        start, end = indptr[row], indptr[row + 1]
+        expected = pack_user(a["history_items.npy"][start:end], a["history_weights.npy"][start:end],
+                             candidates[row], a["candidate_scores.npy"][row], a["candidate_because.npy"][row])  # fmt: skip
+        assert record == expected
+        assert unpack_user(record, 9).candidates.tolist() == [c for c in candidates[row].tolist() if c >= 0]
