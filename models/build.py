@@ -335,6 +335,8 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(kept, descending=True, stable=True)
     order = order[torch.argsort(rows[order], stable=True)]  # by row, best first within each row
     counts = torch.bincount(rows, minlength=n)
+    if bool((counts < k).any()):  # only with NaN scores (no order at all): torch's own answer
+        return torch.topk(scores, k, dim=1)
     picked = order[(torch.cumsum(counts, 0) - counts).unsqueeze(1) + torch.arange(k)]  # each row's first k
     return kept[picked], columns[rows[picked], at[picked]]
 

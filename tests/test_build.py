@@ -301,6 +301,12 @@ def test_top_k_is_torchs_top_k_on_wide_rows_with_ties_and_unscorable_titles():
         assert torch.equal(values, expected)
         assert torch.equal(torch.gather(torch.from_numpy(scores), 1, columns), values)
         assert all(len(set(row)) == k for row in columns.tolist())  # no column twice
+    # NaN scores (a broken model) get torch's own answer instead of an index error.
+    broken = scores.copy()
+    broken[7, 3] = np.nan
+    values, columns = top_k(torch.from_numpy(broken), 20)
+    expected = torch.topk(torch.from_numpy(broken), 20, dim=1)
+    assert torch.equal(columns, expected[1]) and torch.allclose(values, expected[0], equal_nan=True)
     # Narrow or unpadded rows go straight to torch.topk.
     narrow = torch.from_numpy(scores[:, : width - 1].copy())
     assert torch.equal(top_k(narrow, 5)[1], torch.topk(narrow, 5, dim=1)[1])
