@@ -148,7 +148,11 @@ def pack_user(items, weights, candidates, scores, because) -> bytes:
     keep = np.asarray(candidates) >= 0
     items, weights = np.asarray(items, "<i4"), np.asarray(weights, "<f4")
     candidates, scores = np.asarray(candidates, "<i4")[keep], np.asarray(scores, "<f4")[keep]
-    because = np.asarray(because, np.uint8)[keep]
+    return _record(items, weights, candidates, scores, np.asarray(because, np.uint8)[keep])
+
+
+def _record(items: np.ndarray, weights: np.ndarray, candidates: np.ndarray, scores: np.ndarray, because: np.ndarray) -> bytes:
+    """The record's bytes from arrays already in its dtypes, the candidates' -1 padding left out."""
     return b"".join(
         (_USER_HEADER.pack(USER_MAGIC, len(items), len(candidates), because.shape[1] if because.ndim == 2 else 0),
          items.tobytes(), weights.tobytes(), candidates.tobytes(), scores.tobytes(), because.tobytes())
@@ -215,12 +219,10 @@ def user_records(parts: dict[str, bytes]):
     items, weights = np.ascontiguousarray(items, "<i4"), np.ascontiguousarray(weights, "<f4")
     candidates, scores = np.ascontiguousarray(candidates, "<i4"), np.ascontiguousarray(scores, "<f4")
     because = np.ascontiguousarray(because, np.uint8)
-    header, reasons = _USER_HEADER.pack, because.shape[2]
     for row, (user_id, start, end, n) in enumerate(zip(ids, indptr[:-1].tolist(), indptr[1:].tolist(), counts.tolist())):
-        yield str(user_id), b"".join((
-            header(USER_MAGIC, end - start, n, reasons), items[start:end].tobytes(), weights[start:end].tobytes(),
-            candidates[row, :n].tobytes(), scores[row, :n].tobytes(), because[row, :n].tobytes(),
-        ))  # fmt: skip
+        yield str(user_id), _record(
+            items[start:end], weights[start:end], candidates[row, :n], scores[row, :n], because[row, :n]
+        )
 
 
 def required_parts(meta: dict) -> tuple[str, ...]:
