@@ -181,3 +181,18 @@ def test_the_synopsis_index_is_taken_from_the_live_version_while_the_synopses_ar
     fourth = run_nightly(replace(config, catalog=str(changed)), store)
     assert fourth.meta["text_index"]["reused_from"] is None
     assert fourth.meta["text_index"]["vectors_sha256"] != first.meta["text_index"]["vectors_sha256"]
+
+    # A forged live record (a recipe of the wrong type, or a matching recipe naming a part that is not one)
+    # is never fetched from: the index is built and the run goes on.
+    import orjson
+
+    for forge in ("recipe", "part"):
+        live = store.live_version()
+        meta = store.meta(live)
+        if forge == "recipe":
+            meta["text_index"] = "forged"
+        else:
+            meta["parts"]["text.ann"] = {"chunks": "x"}
+        store.redis.set(store.keys.meta(live), orjson.dumps(meta))
+        forged = run_nightly(replace(config, catalog=str(changed)), store)
+        assert forged.meta["text_index"]["reused_from"] is None and forged.version == store.live_version()
