@@ -38,6 +38,10 @@ MAX_BATCH_USERS = 2048
 NEIGHBOUR_TABLE_MAX = 200_000
 TOPK_CHUNK = 32  # columns per chunk of top_k's first pass
 SCORE_BLOCK_ENTRIES = 8_000_000  # users x titles scored at once (32 MB of float32 per thread)
+# precompute_candidates' first pass scores this fraction of titles (those with the longest vectors),
+# in catalogues of at least FIRST_PASS_MIN_TITLES; smaller ones are scored whole in one pass.
+FIRST_PASS_FRACTION = 4
+FIRST_PASS_MIN_TITLES = 8192
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -242,27 +246,49 @@ def precompute_candidates(
 
     The user step is the live request's (:meth:`Recommender.user_vectors`);
     ``seen`` holds each user's full training history, which is excluded. The
-    ranking is exact: one matrix product over the whole catalogue per block of
-    users. In a batch that is faster than an Annoy search per user and never
-    misses a title (Annoy's top 10 at the default search_k shared ~4% of
-    titles with the exact top 10 on the 100k-title bench data); Annoy stays
-    for live requests. Blocks run in ``threads`` (default one per core):
-    numpy and torch release the GIL.
+    ranking is exact: a matrix product over the catalogue per block of users.
+    In a batch that is faster than an Annoy search per user and never misses a
+    title (Annoy's top 10 at the default search_k shared ~4% of titles with the
+    exact top 10 on the 100k-title bench data); Annoy stays for live requests.
+
+    Large catalogues are ranked in two passes that give the same answer. The
+    first scores only the titles with the longest vectors (1/FIRST_PASS_FRACTION
+    of them) plus any title with a watched-next term that could still make the
+    user's top ``size``. A title left out scores q . v <= |q| |v| <= |q| x (the
+    longest vector left out); a user whose ``size``-th score is above that bound
+    is done, and only the others (~5-10 % on the bench data, where popular
+    titles have the long vectors) are scored against every title. Blocks run in
+    ``threads`` (default one per core): numpy and torch release the GIL.
     """
     candidates = np.full((len(users), size), -1, dtype=np.int32)
     scores = np.zeros((len(users), size), dtype=np.float32)
-    n_items = recommender.n_items
-    width = -(-n_items // TOPK_CHUNK) * TOPK_CHUNK  # score rows padded for top_k; padding scores -inf
-    vectors_t = np.zeros((recommender.dim, width), dtype=np.float32)
-    vectors_t[:, :n_items] = np.asarray(recommender.vectors, dtype=np.float32).T
-    keep = min(size, n_items)
-    rows_per_block = max(1, SCORE_BLOCK_ENTRIES // width)
+    keep = min(size, recommender.n_items)
+    columns = CandidateColumns(recommender, keep)
     blend = recommender.seq_weight > 0
-    strengths = sp.csr_matrix(
-        (recommender.seq_weights, recommender.seq_indices, recommender.seq_indptr),
-        shape=(recommender.n_items, recommender.n_items),
+    strengths = sp.csr_matrix(  # rows: titles; columns: score columns
+        (recommender.seq_weights, columns.position[recommender.seq_indices], recommender.seq_indptr),
+        shape=(recommender.n_items, columns.width),
     )
     row_sums = np.asarray(strengths.sum(axis=1), dtype=np.float64).ravel()  # picked @ row_sums: a user's total
+    rows_per_block = max(1, SCORE_BLOCK_ENTRIES // columns.first)
+
+    def watched_next_term(recent: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Recommender.blended_scores's watched-next term for a block (CSR over score columns; each
+        row's constant, -mean x scale, returned apart): summed strengths, z-scored per user."""
+        users_of, cols = np.nonzero(recent >= 0)
+        picked = sp.csr_matrix(
+            (np.ones(len(cols), np.float32), (users_of, recent[users_of, cols])), shape=(len(recent), recommender.n_items)
+        )
+        term = picked @ strengths  # a few thousand titles per user
+        counts = np.diff(term.indptr)
+        nonempty = counts > 0  # no watched-next titles: no term at all (reduceat needs them left out)
+        mean = picked @ row_sums / recommender.n_items
+        squares = np.zeros(len(recent))
+        squares[nonempty] = np.add.reduceat(term.data.astype(np.float64) ** 2, term.indptr[:-1][nonempty])
+        seq_spread = np.sqrt(np.maximum(squares / recommender.n_items - mean**2, 1e-24))
+        scale = np.where(nonempty, recommender.seq_weight / seq_spread, 0.0)
+        term.data *= np.repeat(scale.astype(np.float32), counts)
+        return term, -mean * scale
 
     def fill(rows: np.ndarray) -> None:
         history, weights = padded_histories(recommender, users[rows])
@@ -276,35 +302,19 @@ def precompute_candidates(
         scaled = (q64 / spread[:, None]).astype(np.float32)
         for at in range(0, len(rows), rows_per_block):
             block = rows[at : at + rows_per_block]
-            block_scores = scaled[at : at + rows_per_block] @ vectors_t  # [n, titles + padding]
-            block_scores[:, n_items:] = -np.inf
             row_offset = offset[at : at + rows_per_block].copy()
             if blend:
-                recent = history[at : at + rows_per_block, :SEQUENCE_HISTORY]
-                users_of, cols = np.nonzero(recent >= 0)
-                picked = sp.csr_matrix(
-                    (np.ones(len(cols), np.float32), (users_of, recent[users_of, cols])),
-                    shape=(len(block), recommender.n_items),
-                )
-                watched_next = picked @ strengths  # summed strengths, a few thousand titles per user
-                counts = np.diff(watched_next.indptr)
-                nonempty = counts > 0  # no watched-next titles: no term at all (reduceat needs them left out)
-                mean = picked @ row_sums / recommender.n_items
-                squares = np.zeros(len(block))
-                starts = watched_next.indptr[:-1][nonempty]
-                squares[nonempty] = np.add.reduceat(watched_next.data.astype(np.float64) ** 2, starts)
-                seq_spread = np.sqrt(np.maximum(squares / recommender.n_items - mean**2, 1e-24))
-                scale = np.where(nonempty, recommender.seq_weight / seq_spread, 0.0)
-                # Scatter-add into the block, 1-D: torch's index_add_ is ~1.5x numpy's fancy-index +=.
-                flat = np.repeat(np.arange(len(block)) * width, counts) + watched_next.indices
-                contribution = watched_next.data * np.repeat(scale.astype(np.float32), counts)
-                torch.from_numpy(block_scores).view(-1).index_add_(0, torch.from_numpy(flat), torch.from_numpy(contribution))
-                row_offset -= mean * scale
+                term, constant = watched_next_term(history[at : at + rows_per_block, :SEQUENCE_HISTORY])
+                row_offset += constant
+            else:
+                term = sp.csr_matrix((len(block), columns.width), dtype=np.float32)
             watched = seen[users[block]]
-            block_scores[np.repeat(np.arange(len(block)), np.diff(watched.indptr)), watched.indices] = -np.inf
-            top_scores, top = (t.numpy() for t in top_k(torch.from_numpy(block_scores), keep))
+            watched = sp.csr_matrix(
+                (watched.data, columns.position[watched.indices], watched.indptr), shape=(len(block), columns.width)
+            )
+            top_scores, top = columns.rank(scaled[at : at + rows_per_block], term, watched)
             unseen = np.isfinite(top_scores)  # a user who has seen almost everything gets fewer
-            candidates[block, :keep] = np.where(unseen, top, -1)
+            candidates[block, :keep] = np.where(unseen, columns.title[top], -1)
             scores[block, :keep] = np.where(unseen, top_scores + row_offset[:, None].astype(np.float32), 0.0)
 
     batches = history_batches(recommender, users)
@@ -312,7 +322,119 @@ def precompute_candidates(
     with threadpool_limits(1, "blas"), one_torch_thread(), ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
         for _ in progress(pool.map(fill, batches), "candidates", total=len(batches), show=show_progress):
             pass
+    if columns.first < columns.width:
+        log.info(
+            "candidates: first pass over %d of %d titles; %d of %d users (%.1f%%) needed every title",
+            columns.first, recommender.n_items, columns.widened, len(users), 100 * columns.widened / max(len(users), 1),
+        )  # fmt: skip
     return candidates, scores
+
+
+class CandidateColumns:
+    """The score columns of :func:`precompute_candidates`: titles by descending vector length, padded
+    to a multiple of TOPK_CHUNK (padding scores -inf), and the two-pass exact top ``keep``."""
+
+    def __init__(self, recommender: Recommender, keep: int):
+        vectors = np.asarray(recommender.vectors, dtype=np.float32)
+        n_items = len(vectors)
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        order = stable_argsort(-norms)
+        self.n_items, self.keep = n_items, keep
+        self.width = -(-n_items // TOPK_CHUNK) * TOPK_CHUNK
+        self.title = np.full(self.width, -1, dtype=np.int32)  # column j scores title[j] (padding: -1)
+        self.title[:n_items] = order
+        self.position = np.empty(n_items, dtype=np.int64)  # a title's column
+        self.position[order] = np.arange(n_items)
+        first = -(-(n_items // FIRST_PASS_FRACTION) // TOPK_CHUNK) * TOPK_CHUNK
+        self.first = first if n_items >= FIRST_PASS_MIN_TITLES and keep <= first < n_items else self.width
+        self.rows = np.zeros((self.width, vectors.shape[1]), dtype=np.float32)  # a column's vector
+        self.rows[:n_items] = vectors[order]
+        self.vectors_t = np.ascontiguousarray(self.rows.T)
+        # Vector lengths by column, a little longer for the float32 rounding of the products.
+        self.reach = np.zeros(self.width, dtype=np.float32)
+        self.reach[:n_items] = norms[order] * (1 + 1e-4)
+        self.left_out = float(self.reach[self.first]) if self.first < n_items else 0.0  # longest left out
+        self.widened = 0  # users scored against every title (the second pass)
+
+    def rank(self, scaled: np.ndarray, term: sp.csr_matrix, watched: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's top ``keep`` of scaled . v + term over the unwatched columns: scores and columns."""
+        entries = _Entries(term, watched)
+        top_scores, top = self._scored(scaled, entries, self.first)
+        if self.first == self.width:
+            return top_scores, top
+        length = np.linalg.norm(scaled.astype(np.float64), axis=1).astype(np.float32)
+        top_scores, top, crowded = self._with_late_terms(scaled, entries, length, top_scores, top)
+        # A row is final when no column left out can reach its keep-th score (NaN rows never are).
+        redo = np.flatnonzero(crowded | ~(top_scores[:, -1] > length * self.left_out))
+        self.widened += len(redo)
+        step = max(1, SCORE_BLOCK_ENTRIES // self.width)
+        for at in range(0, len(redo), step):
+            rows = redo[at : at + step]
+            top_scores[rows], top[rows] = self._scored(scaled[rows], _Entries(term[rows], watched[rows]), self.width)
+        return top_scores, top
+
+    def _scored(self, scaled: np.ndarray, entries: _Entries, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``keep`` over the first ``width`` columns: one dense block."""
+        n = len(scaled)
+        flat = np.empty(n * width + 1, dtype=np.float32)  # the last element takes the terms of later columns
+        block = flat[:-1].reshape(n, width)
+        np.matmul(scaled, self.vectors_t[:, :width], out=block)
+        block[:, self.n_items :] = -np.inf
+        at = entries.term_rows * width + entries.term_cols
+        if width < self.width:
+            at = np.where(entries.term_cols < width, at, n * width)
+        # Scatter-add, 1-D: torch's index_add_ is ~1.5x numpy's fancy-index +=.
+        torch.from_numpy(flat).index_add_(0, torch.from_numpy(at), torch.from_numpy(entries.term_values))
+        hidden = entries.watched_cols < width
+        block[entries.watched_rows[hidden], entries.watched_cols[hidden]] = -np.inf
+        return tuple(t.numpy() for t in top_k(torch.from_numpy(block), self.keep))
+
+    def _with_late_terms(self, scaled, entries: _Entries, length, top_scores, top):
+        """Merge in the columns outside the first pass whose watched-next term may lift them into the
+        top ``keep``: those with |q| |v| + term at or above the row's keep-th score, scored exactly.
+        Rows with more such columns than ``keep`` are returned as ``crowded`` (to be scored whole)."""
+        n, keep = top_scores.shape
+        rows_of, cols = entries.term_rows, entries.term_cols
+        near = cols >= self.first
+        near &= length[rows_of] * self.reach[cols] + entries.term_values >= top_scores[:, -1][rows_of]
+        at = np.flatnonzero(near)
+        rows_of, cols, lift = rows_of[at], cols[at], entries.term_values[at]
+        unseen = ~entries.watched(rows_of, cols, self.width)
+        rows_of, cols, lift = rows_of[unseen], cols[unseen], lift[unseen]
+        counts = np.bincount(rows_of, minlength=n)
+        crowded = counts > keep
+        if len(rows_of) == 0 or crowded.all():
+            return top_scores, top, crowded
+        fits = ~crowded[rows_of]
+        rows_of, cols, lift = rows_of[fits], cols[fits], lift[fits]
+        counts[crowded] = 0
+        slot = keep + np.arange(len(rows_of)) - (np.cumsum(counts) - counts)[rows_of]
+        merged_scores = np.full((n, 2 * keep), -np.inf, dtype=np.float32)
+        merged_cols = np.zeros((n, 2 * keep), dtype=top.dtype)
+        merged_scores[:, :keep], merged_cols[:, :keep] = top_scores, top
+        merged_scores[rows_of, slot] = np.einsum("nd,nd->n", scaled[rows_of], self.rows[cols]) + lift
+        merged_cols[rows_of, slot] = cols
+        best_scores, best = torch.topk(torch.from_numpy(merged_scores), keep, dim=1)
+        return best_scores.numpy(), np.take_along_axis(merged_cols, best.numpy(), 1), crowded
+
+
+class _Entries:
+    """A block's watched-next terms and watched titles as (row, column) entries over score columns."""
+
+    def __init__(self, term: sp.csr_matrix, watched: sp.csr_matrix):
+        n = term.shape[0]
+        self.term_rows = np.repeat(np.arange(n), np.diff(term.indptr))
+        self.term_cols, self.term_values = term.indices, term.data
+        self.watched_rows = np.repeat(np.arange(n), np.diff(watched.indptr))
+        self.watched_cols = watched.indices
+
+    def watched(self, rows: np.ndarray, cols: np.ndarray, width: int) -> np.ndarray:
+        """Whether each (row, column) is a watched title."""
+        keys = np.sort(self.watched_rows * np.int64(width) + self.watched_cols)
+        if len(keys) == 0:
+            return np.zeros(len(rows), dtype=bool)
+        wanted = rows * np.int64(width) + cols
+        return keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

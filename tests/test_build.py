@@ -150,8 +150,13 @@ def test_batched_user_step_is_the_one_user_solve(trained_demo, tmp_path: Path):
     recommender.close()
 
 
-def test_precomputed_candidates_are_the_exact_served_ranking(trained_demo, tmp_path: Path):
-    """Batch top-k == scoring every title one user at a time with Recommender.blended_scores."""
+@pytest.mark.parametrize("two_passes", [False, True])
+def test_precomputed_candidates_are_the_exact_served_ranking(trained_demo, tmp_path: Path, monkeypatch, two_passes):
+    """Batch top-k == scoring every title one user at a time with Recommender.blended_scores,
+    in one pass or (as on large catalogues) first over the titles with the longest vectors."""
+    import models.build
+
+    monkeypatch.setattr(models.build, "FIRST_PASS_MIN_TITLES", 0 if two_passes else 10**9)
     recommender = open_parts(trained_demo.parts, {"params": trained_demo.meta["params"]}, tmp_path)
     assert recommender.seq_weight > 0
     n_users = len(recommender.user_ids)
@@ -310,3 +315,65 @@ def test_top_k_is_torchs_top_k_on_wide_rows_with_ties_and_unscorable_titles():
     # Narrow or unpadded rows go straight to torch.topk.
     narrow = torch.from_numpy(scores[:, : width - 1].copy())
     assert torch.equal(top_k(narrow, 5)[1], torch.topk(narrow, 5, dim=1)[1])
+
+
+def test_two_pass_ranking_is_the_dense_top_k_of_every_column():
+    """CandidateColumns.rank (first pass over the longest vectors, late watched-next terms merged, rows
+    that a left-out column could still reach scored whole) == a dense top-k over every column."""
+    from types import SimpleNamespace
+
+    import scipy.sparse as sp
+
+    import models.build
+    from models.build import CandidateColumns
+
+    rng = np.random.default_rng(12)
+    n_items, n_users, keep = 3000, 300, 20
+    vectors = rng.standard_normal((n_items, 8)) * rng.lognormal(0.0, 0.8, (n_items, 1))  # skewed lengths
+    columns = CandidateColumns(SimpleNamespace(vectors=vectors.astype(np.float32)), keep)
+    assert columns.first == columns.width  # small catalogues: one pass
+    original = models.build.FIRST_PASS_MIN_TITLES
+    models.build.FIRST_PASS_MIN_TITLES = 0
+    try:
+        columns = CandidateColumns(SimpleNamespace(vectors=vectors.astype(np.float32)), keep)
+    finally:
+        models.build.FIRST_PASS_MIN_TITLES = original
+    assert columns.first < n_items
+    scaled = rng.standard_normal((n_users, 8)).astype(np.float32)
+    term = sp.random(n_users, n_items, density=0.02, random_state=3, format="csr", dtype=np.float32)
+    term = sp.csr_matrix((term.data * 12.0, term.indices, term.indptr), shape=(n_users, columns.width))  # lifts
+    watched = sp.random(n_users, n_items, density=0.05, random_state=4, format="lil")
+    watched[5, : columns.first] = 1.0  # a user who has watched every first-pass title
+    # User 8 faces a title left out, and has left unwatched only first-pass titles it scores a little
+    # below that one: no watched-next term, but the first pass alone would miss its best title.
+    facing = columns.rows[columns.first + 1]
+    dots = columns.rows[: columns.first] @ facing
+    below = np.flatnonzero((dots > 0.6 * np.linalg.norm(facing) * columns.left_out) & (dots < facing @ facing))
+    assert len(below) >= keep
+    watched[8, : columns.first] = 1.0
+    watched[8, below[:keep]] = 0.0
+    watched = sp.csr_matrix(watched.tocsr(), shape=(n_users, columns.width))
+    watched.eliminate_zeros()
+    term.data[term.indptr[8] : term.indptr[9]] = 0.0
+    term.eliminate_zeros()
+    scaled[6] = np.nan  # a broken row is scored whole, never merged
+    scaled[7] = 0.0
+    scaled[8] = facing
+    dense = scaled @ columns.rows.T + term.toarray()
+    dense[:, n_items:] = -np.inf
+    dense[watched.nonzero()] = -np.inf
+    top_scores, top = columns.rank(scaled, term, watched)
+    for row in range(n_users):
+        if row == 6:
+            continue
+        expected = np.sort(dense[row])[::-1][:keep]
+        np.testing.assert_allclose(top_scores[row], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dense[row, top[row]], top_scores[row], rtol=1e-5, atol=1e-5)
+        assert len(set(top[row].tolist())) == keep
+    assert np.isnan(top_scores[6]).all()
+    assert top[8, 0] == columns.first + 1  # found only by the second pass
+    # Every path was taken: rows decided by the first pass, rows with a late title merged in, rows redone.
+    assert 0 < columns.widened < n_users
+    late = (top >= columns.first).any(axis=1)
+    first_only = ~late
+    assert late.sum() > columns.widened and first_only.any()
