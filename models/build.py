@@ -270,25 +270,31 @@ def precompute_candidates(
         shape=(recommender.n_items, columns.width),
     )
     row_sums = np.asarray(strengths.sum(axis=1), dtype=np.float64).ravel()  # picked @ row_sums: a user's total
+    # Split by pass, so the first pass never sees the terms of columns it leaves out.
+    near_strengths, far_strengths = split_columns(strengths, columns.first)
     rows_per_block = max(1, SCORE_BLOCK_ENTRIES // columns.first)
 
-    def watched_next_term(recent: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Recommender.blended_scores's watched-next term for a block (CSR over score columns; each
-        row's constant, -mean x scale, returned apart): summed strengths, z-scored per user."""
+    def watched_next_term(recent: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+        """Recommender.blended_scores's watched-next term for a block, as CSRs over the first pass's
+        columns and the rest (each row's constant, -mean x scale, returned apart): summed strengths,
+        z-scored per user."""
         users_of, cols = np.nonzero(recent >= 0)
         picked = sp.csr_matrix(
             (np.ones(len(cols), np.float32), (users_of, recent[users_of, cols])), shape=(len(recent), recommender.n_items)
         )
-        term = picked @ strengths  # a few thousand titles per user
-        counts = np.diff(term.indptr)
-        nonempty = counts > 0  # no watched-next titles: no term at all (reduceat needs them left out)
+        terms = [picked @ near_strengths, picked @ far_strengths]  # a few thousand titles per user
+        counts = [np.diff(term.indptr) for term in terms]
+        nonempty = (counts[0] + counts[1]) > 0  # no watched-next titles: no term at all
         mean = picked @ row_sums / recommender.n_items
         squares = np.zeros(len(recent))
-        squares[nonempty] = np.add.reduceat(term.data.astype(np.float64) ** 2, term.indptr[:-1][nonempty])
+        for term, count in zip(terms, counts):
+            filled = count > 0  # (reduceat needs empty rows left out)
+            squares[filled] += np.add.reduceat(term.data.astype(np.float64) ** 2, term.indptr[:-1][filled])
         seq_spread = np.sqrt(np.maximum(squares / recommender.n_items - mean**2, 1e-24))
         scale = np.where(nonempty, recommender.seq_weight / seq_spread, 0.0)
-        term.data *= np.repeat(scale.astype(np.float32), counts)
-        return term, -mean * scale
+        for term, count in zip(terms, counts):
+            term.data *= np.repeat(scale.astype(np.float32), count)
+        return *terms, -mean * scale
 
     def fill(rows: np.ndarray) -> None:
         history, weights = padded_histories(recommender, users[rows])
@@ -304,15 +310,15 @@ def precompute_candidates(
             block = rows[at : at + rows_per_block]
             row_offset = offset[at : at + rows_per_block].copy()
             if blend:
-                term, constant = watched_next_term(history[at : at + rows_per_block, :SEQUENCE_HISTORY])
+                near, far, constant = watched_next_term(history[at : at + rows_per_block, :SEQUENCE_HISTORY])
                 row_offset += constant
             else:
-                term = sp.csr_matrix((len(block), columns.width), dtype=np.float32)
+                near = far = sp.csr_matrix((len(block), columns.width), dtype=np.float32)
             watched = seen[users[block]]
             watched = sp.csr_matrix(
                 (watched.data, columns.position[watched.indices], watched.indptr), shape=(len(block), columns.width)
             )
-            top_scores, top = columns.rank(scaled[at : at + rows_per_block], term, watched)
+            top_scores, top = columns.rank(scaled[at : at + rows_per_block], near, far, watched)
             unseen = np.isfinite(top_scores)  # a user who has seen almost everything gets fewer
             candidates[block, :keep] = np.where(unseen, columns.title[top], -1)
             scores[block, :keep] = np.where(unseen, top_scores + row_offset[:, None].astype(np.float32), 0.0)
@@ -356,33 +362,34 @@ class CandidateColumns:
         self.left_out = float(self.reach[self.first]) if self.first < n_items else 0.0  # longest left out
         self.widened = 0  # users scored against every title (the second pass)
 
-    def rank(self, scaled: np.ndarray, term: sp.csr_matrix, watched: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's top ``keep`` of scaled . v + term over the unwatched columns: scores and columns."""
-        entries = _Entries(term, watched)
-        top_scores, top = self._scored(scaled, entries, self.first)
+    def rank(
+        self, scaled: np.ndarray, near: sp.csr_matrix, far: sp.csr_matrix, watched: sp.csr_matrix
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's top ``keep`` of scaled . v + term over the unwatched columns: scores and columns.
+        The watched-next term comes split: ``near`` over the first pass's columns, ``far`` the rest."""
+        top_scores, top = self._scored(scaled, _Entries(near, watched), self.first)
         if self.first == self.width:
             return top_scores, top
         length = np.linalg.norm(scaled.astype(np.float64), axis=1).astype(np.float32)
-        top_scores, top, crowded = self._with_late_terms(scaled, entries, length, top_scores, top)
+        top_scores, top, crowded = self._with_late_terms(scaled, _Entries(far, watched), length, top_scores, top)
         # A row is final when no column left out can reach its keep-th score (NaN rows never are).
         redo = np.flatnonzero(crowded | ~(top_scores[:, -1] > length * self.left_out))
         self.widened += len(redo)
         step = max(1, SCORE_BLOCK_ENTRIES // self.width)
         for at in range(0, len(redo), step):
             rows = redo[at : at + step]
-            top_scores[rows], top[rows] = self._scored(scaled[rows], _Entries(term[rows], watched[rows]), self.width)
+            entries = _Entries(near[rows] + far[rows], watched[rows])
+            top_scores[rows], top[rows] = self._scored(scaled[rows], entries, self.width)
         return top_scores, top
 
     def _scored(self, scaled: np.ndarray, entries: _Entries, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``keep`` over the first ``width`` columns: one dense block."""
         n = len(scaled)
-        flat = np.empty(n * width + 1, dtype=np.float32)  # the last element takes the terms of later columns
-        block = flat[:-1].reshape(n, width)
+        block = np.empty((n, width), dtype=np.float32)
+        flat = block.reshape(-1)
         np.matmul(scaled, self.vectors_t[:, :width], out=block)
         block[:, self.n_items :] = -np.inf
-        at = entries.term_rows * width + entries.term_cols
-        if width < self.width:
-            at = np.where(entries.term_cols < width, at, n * width)
+        at = entries.term_rows * width + entries.term_cols  # every term falls inside ``width``
         # Scatter-add, 1-D: torch's index_add_ is ~1.5x numpy's fancy-index +=.
         torch.from_numpy(flat).index_add_(0, torch.from_numpy(at), torch.from_numpy(entries.term_values))
         hidden = entries.watched_cols < width
@@ -394,10 +401,8 @@ class CandidateColumns:
         top ``keep``: those with |q| |v| + term at or above the row's keep-th score, scored exactly.
         Rows with more such columns than ``keep`` are returned as ``crowded`` (to be scored whole)."""
         n, keep = top_scores.shape
-        rows_of, cols = entries.term_rows, entries.term_cols
-        near = cols >= self.first
-        near &= length[rows_of] * self.reach[cols] + entries.term_values >= top_scores[:, -1][rows_of]
-        at = np.flatnonzero(near)
+        rows_of, cols = entries.term_rows, entries.term_cols  # every one outside the first pass
+        at = np.flatnonzero(length[rows_of] * self.reach[cols] + entries.term_values >= top_scores[:, -1][rows_of])
         rows_of, cols, lift = rows_of[at], cols[at], entries.term_values[at]
         unseen = ~entries.watched(rows_of, cols, self.width)
         rows_of, cols, lift = rows_of[unseen], cols[unseen], lift[unseen]
@@ -416,6 +421,17 @@ class CandidateColumns:
         merged_cols[rows_of, slot] = cols
         best_scores, best = torch.topk(torch.from_numpy(merged_scores), keep, dim=1)
         return best_scores.numpy(), np.take_along_axis(merged_cols, best.numpy(), 1), crowded
+
+
+def split_columns(matrix: sp.csr_matrix, at: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """``matrix``'s entries in columns before ``at`` and from ``at`` on, as two CSRs of its shape."""
+    before = matrix.indices < at
+    row_of = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    parts = []
+    for keep in (before, ~before):
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=matrix.shape[0]))])
+        parts.append(sp.csr_matrix((matrix.data[keep], matrix.indices[keep], indptr), shape=matrix.shape))
+    return parts[0], parts[1]
 
 
 class _Entries:

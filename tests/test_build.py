@@ -362,7 +362,9 @@ def test_two_pass_ranking_is_the_dense_top_k_of_every_column():
     dense = scaled @ columns.rows.T + term.toarray()
     dense[:, n_items:] = -np.inf
     dense[watched.nonzero()] = -np.inf
-    top_scores, top = columns.rank(scaled, term, watched)
+    inside = np.arange(columns.width) < columns.first
+    near, far = (sp.csr_matrix(term.toarray() * part) for part in (inside, ~inside))
+    top_scores, top = columns.rank(scaled, near, far, watched)
     for row in range(n_users):
         if row == 6:
             continue
@@ -372,8 +374,23 @@ def test_two_pass_ranking_is_the_dense_top_k_of_every_column():
         assert len(set(top[row].tolist())) == keep
     assert np.isnan(top_scores[6]).all()
     assert top[8, 0] == columns.first + 1  # found only by the second pass
+
     # Every path was taken: rows decided by the first pass, rows with a late title merged in, rows redone.
     assert 0 < columns.widened < n_users
     late = (top >= columns.first).any(axis=1)
     first_only = ~late
     assert late.sum() > columns.widened and first_only.any()
+
+
+def test_split_columns_keeps_every_entry_on_its_side():
+    import scipy.sparse as sp
+
+    from models.build import split_columns
+
+    matrix = sp.random(30, 50, density=0.2, random_state=2, format="csr")
+    matrix = sp.vstack([matrix, sp.csr_matrix((3, 50))]).tocsr()  # empty rows at the end
+    for at in (0, 17, 50):
+        left, right = split_columns(matrix, at)
+        assert left.shape == right.shape == matrix.shape
+        assert (left.toarray() == np.where(np.arange(50) < at, matrix.toarray(), 0)).all()
+        assert (right.toarray() == np.where(np.arange(50) >= at, matrix.toarray(), 0)).all()
