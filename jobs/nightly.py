@@ -31,7 +31,16 @@ import redis
 import scipy.sparse as sp
 
 from models.build import annoy_bytes, build_parts, candidate_reasons, npy_bytes, open_parts, precompute_candidates
-from models.data import DEFAULT_MAX_REJECTED_SHARE, Catalog, DataError, Events, LoadReport, load_catalog, load_events
+from models.data import (
+    DEFAULT_MAX_REJECTED_SHARE,
+    Catalog,
+    DataError,
+    EventFiles,
+    Events,
+    LoadReport,
+    load_catalog,
+    load_events,
+)
 from models.embeddings import PARAM_CHOICES, ModelParams, confidence_and_viewers, learn_embeddings, train_threads
 from models.evaluate import evaluation_sample, holdout_split, popularity_ranking, ranking_metrics, recommend_popular
 from models.live_events import compact, take_for_job
@@ -321,14 +330,21 @@ def run_nightly(config: NightlyConfig, store: ModelStore | None = None) -> Night
         live_info, live_files = take_for_job(store, live_dir.name, config.events_archive)
         if live_files:
             events_spec = ",".join([config.events, *map(str, live_files)])
-    catalog, catalog_report = load_catalog(config.catalog, config.max_rejected_share)
-    timings["load_catalog"] = time.perf_counter() - started
-    text_info = None
-    if config.text and catalog.has_text:
-        report("text", 0, 1)
-        started = time.perf_counter()
-        catalog, text_info = embed_catalog(catalog, config.text_cache, config.show_progress)
-        timings["text"] = time.perf_counter() - started
+    if config.engine != "spark":  # the implicit engine's files are read while the catalogue loads
+        events_spec = EventFiles(events_spec)
+    try:
+        catalog, catalog_report = load_catalog(config.catalog, config.max_rejected_share)
+        timings["load_catalog"] = time.perf_counter() - started
+        text_info = None
+        if config.text and catalog.has_text:
+            report("text", 0, 1)
+            started = time.perf_counter()
+            catalog, text_info = embed_catalog(catalog, config.text_cache, config.show_progress)
+            timings["text"] = time.perf_counter() - started
+    except BaseException:
+        if isinstance(events_spec, EventFiles):
+            events_spec.close()
+        raise
     try:  # the engine reads the stream's snapshot files in live_dir
         if config.engine == "spark":
             from jobs.spark_engine import train_spark
@@ -434,7 +450,7 @@ class Trained:
     user_store: dict | None = None
 
 
-def train_implicit(config: NightlyConfig, events_spec: str, catalog: Catalog, timings: dict) -> Trained:
+def train_implicit(config: NightlyConfig, events_spec: str | EventFiles, catalog: Catalog, timings: dict) -> Trained:
     """The first engine, on one machine: load -> evaluate (select) -> ALS (implicit) + content -> parts -> candidates."""
     params = config.params
     started = time.perf_counter()

@@ -203,13 +203,17 @@ def nearest_titles(vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
     cosines = np.full((n_items, n), -np.inf, dtype=np.float32)
     if keep <= 0:
         return found, cosines
-    unit_t = torch.from_numpy(np.ascontiguousarray(unit.T))
-    rows_per_block = max(1, min(2048, SCORE_BLOCK_ENTRIES // n_items))
+    width = -(-n_items // TOPK_CHUNK) * TOPK_CHUNK  # padded for top_k; padding scores -inf
+    unit_t = np.zeros((unit.shape[1], width), dtype=np.float32)
+    unit_t[:, :n_items] = unit.T
+    unit_t = torch.from_numpy(unit_t)
+    rows_per_block = max(1, min(2048, SCORE_BLOCK_ENTRIES // width))
     for start in range(0, n_items, rows_per_block):  # torch's own threads use every core
         block = np.arange(start, min(start + rows_per_block, n_items))
         sims = torch.from_numpy(unit[block]) @ unit_t
+        sims[:, n_items:] = -np.inf
         sims[torch.arange(len(block)), torch.from_numpy(block)] = -np.inf  # never a title's own neighbour
-        top_sims, top = torch.topk(sims, keep, dim=1)
+        top_sims, top = top_k(sims, keep)
         found[block, :keep] = top.numpy()
         cosines[block, :keep] = top_sims.numpy()
     return found, cosines

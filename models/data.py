@@ -656,28 +656,65 @@ def validate_events(
     )
 
 
+class EventFiles:
+    """The files of an events spec (:func:`expand_paths`), read one ahead in a background thread.
+
+    Arrow releases the GIL while it reads, so the job starts the read before it
+    loads the catalogue, and each file is read while the one before it is
+    validated. At most one file is read ahead of the one being validated.
+    """
+
+    def __init__(self, spec: str | os.PathLike):
+        self.spec = spec
+        self.paths = expand_paths(spec)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="events-read")
+        self._ahead = self._reader.submit(_read_events_table, self.paths[0])
+
+    def tables(self):
+        """(path, table) of each file in order; every read error is raised here, naming its file."""
+        try:
+            for at, path in enumerate(self.paths):
+                table = self._ahead.result()
+                if at + 1 < len(self.paths):
+                    self._ahead = self._reader.submit(_read_events_table, self.paths[at + 1])
+                yield path, table
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading ahead (a read under way finishes in the background and is dropped)."""
+        self._ahead.cancel()
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_events_table(path: Path) -> pa.Table:
+    table = _read_table(path, ("user_id", "item_id"), as_dictionary=True)
+    _require(table, path, EVENT_COLUMNS)
+    return table
+
+
 def load_events(
-    spec: str | os.PathLike,
+    spec: str | os.PathLike | EventFiles,
     catalog: Catalog,
     max_rejected_share: float = DEFAULT_MAX_REJECTED_SHARE,
     progress=None,
 ) -> tuple[Events, LoadReport]:
     """Read and validate watch events against ``catalog``.
 
-    Events for titles missing from the catalogue are dropped, counted and
-    reported (they are not contract violations: the catalogue may lag). The
-    result is in time order per user (:meth:`Events.in_time_order`).
+    ``spec``: a path, a glob or a comma-separated list (:func:`expand_paths`),
+    or :class:`EventFiles` already reading them. Events for titles missing
+    from the catalogue are dropped, counted and reported (they are not
+    contract violations: the catalogue may lag). The result is in time order
+    per user (:meth:`Events.in_time_order`).
     """
     report = LoadReport()
     rejections = Rejections(report)
     user_parts, item_parts, ts_parts, ws_parts = [], [], [], []
     catalog_ids = pa.array(catalog.item_ids.astype(str), type=pa.string())
-    paths = expand_paths(spec)
+    files = spec if isinstance(spec, EventFiles) else EventFiles(spec)
     latest = latest_timestamp()
-    for path in paths:
+    for path, table in files.tables():
         report.files.append(str(path))
-        table = _read_table(path, ("user_id", "item_id"), as_dictionary=True)
-        _require(table, path, EVENT_COLUMNS)
         report.rows_read += table.num_rows
         users, item_rows, ts, ws = validate_events(table, path, catalog_ids, latest, rejections, report)
         user_parts.append(users)

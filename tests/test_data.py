@@ -180,3 +180,33 @@ def test_integer_parquet_times_and_watch_seconds_follow_the_csv_rules(tmp_path, 
     np.testing.assert_array_equal(from_parquet.watch_seconds, from_csv.watch_seconds)  # NaN where unknown
     assert from_parquet.timestamp.tolist() == [1700000000, 1700000002, 1700000007]
     assert np.isnan(from_parquet.watch_seconds[1]) and from_parquet.watch_seconds[2] == 86400
+
+
+def test_event_files_read_ahead_give_the_same_events_and_name_a_broken_file(tmp_path, tiny_catalog):
+    """EventFiles reads each file while the one before it is validated (and the first while the job loads
+    the catalogue): the same events as reading them in turn, and a broken later file is named."""
+    from models.data import EventFiles
+
+    catalog, _ = load_catalog(tiny_catalog)
+    for day in (1, 2, 3):
+        pd.DataFrame(
+            {"user_id": ["u1", "u2", f"u{day + 2}"], "item_id": ["a", "c", "b"], "timestamp": [1700000000 + day] * 3}
+        ).to_parquet(tmp_path / f"events-{day}.parquet")
+    spec = str(tmp_path / "events-*.parquet")
+    ahead, ahead_report = load_events(EventFiles(spec), catalog)
+    plain, plain_report = load_events(spec, catalog)
+    assert list(ahead.user_ids) == list(plain.user_ids) == ["u1", "u2", "u3", "u4", "u5"]
+    for column in ("user", "item", "timestamp"):
+        assert getattr(ahead, column).tolist() == getattr(plain, column).tolist()
+    assert ahead_report.files == plain_report.files and len(ahead_report.files) == 3
+    (tmp_path / "events-2.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError, match="events-2.parquet"):
+        load_events(EventFiles(spec), catalog)
+    (tmp_path / "events-2.parquet").unlink()
+    pd.DataFrame({"user_id": ["u1"], "item_id": ["a"]}).to_parquet(tmp_path / "events-2.parquet")
+    with pytest.raises(DataError, match="events-2.parquet.*'timestamp'"):
+        load_events(EventFiles(spec), catalog)
+    files = EventFiles(spec)  # a job that fails before it loads the events stops the reading
+    files.close()
+    with pytest.raises(DataError, match="no file matches"):
+        EventFiles(str(tmp_path / "nothing-*.parquet"))
