@@ -430,12 +430,11 @@ class CandidateColumns:
 def split_columns(matrix: sp.csr_matrix, at: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """``matrix``'s entries in columns before ``at`` and from ``at`` on, as two CSRs of its shape."""
     before = matrix.indices < at
-    row_of = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
-    parts = []
-    for keep in (before, ~before):
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=matrix.shape[0]))])
-        parts.append(sp.csr_matrix((matrix.data[keep], matrix.indices[keep], indptr), shape=matrix.shape))
-    return parts[0], parts[1]
+    below = np.concatenate([[0], np.cumsum(before)])[matrix.indptr]  # entries before ``at`` up to each row
+    return (
+        sp.csr_matrix((matrix.data[before], matrix.indices[before], below), shape=matrix.shape),
+        sp.csr_matrix((matrix.data[~before], matrix.indices[~before], matrix.indptr - below), shape=matrix.shape),
+    )
 
 
 class _Entries:
