@@ -84,6 +84,7 @@ from models.embeddings import (
     sampled_viewers,
     scaled_confidence,
     sequence_pairs,
+    summed_pairs,
     viewer_rates,
     viewing_weights,
 )  # fmt: skip
@@ -482,12 +483,16 @@ def _pairs(batches, n_items: int, params: ModelParams):
     rows, cols, weights = sequence_pairs(users, items, params)
     if not len(rows):
         return
-    key, inverse = np.unique(rows.astype(np.int64) * n_items + cols, return_inverse=True)
-    total = np.bincount(inverse, weights=weights).astype(np.float32)
-    for at in range(0, len(key), 1_000_000):
-        chunk = key[at : at + 1_000_000]
+    summed = summed_pairs(rows, cols, weights.astype(np.float64), n_items)
+    a = np.repeat(np.arange(n_items, dtype=np.int32), np.diff(summed.indptr))
+    total = summed.data.astype(np.float32)
+    for at in range(0, len(a), 1_000_000):
         yield pa.RecordBatch.from_arrays(
-            [pa.array(chunk // n_items, pa.int32()), pa.array(chunk % n_items, pa.int32()), pa.array(total[at : at + 1_000_000])],
+            [
+                pa.array(a[at : at + 1_000_000]),
+                pa.array(summed.indices[at : at + 1_000_000].astype(np.int32)),
+                pa.array(total[at : at + 1_000_000]),
+            ],
             names=["a", "b", "w"],
         )
 

@@ -394,3 +394,25 @@ def test_split_columns_keeps_every_entry_on_its_side():
         assert left.shape == right.shape == matrix.shape
         assert (left.toarray() == np.where(np.arange(50) < at, matrix.toarray(), 0)).all()
         assert (right.toarray() == np.where(np.arange(50) >= at, matrix.toarray(), 0)).all()
+
+
+def test_summed_pairs_sums_every_repeated_pair_and_sorts_each_row():
+    from models.embeddings import summed_pairs
+
+    rng = np.random.default_rng(21)
+    rows = rng.integers(0, 40, 5000)
+    cols = rng.integers(0, 40, 5000)
+    rows[rows == 7] = 8  # a row with no pairs at all
+    values = rng.random(5000)
+    want: dict[tuple[int, int], float] = defaultdict(float)
+    for r, c, v in zip(rows.tolist(), cols.tolist(), values.tolist()):
+        want[(r, c)] += v
+    matrix = summed_pairs(rows, cols, values, 40)
+    assert matrix.shape == (40, 40) and matrix.nnz == len(want)
+    assert matrix.has_canonical_format
+    for r in range(40):
+        row = matrix.indices[matrix.indptr[r] : matrix.indptr[r + 1]]
+        assert row.tolist() == sorted(c for (rr, c) in want if rr == r)
+    got = matrix.tocoo()
+    assert {(int(r), int(c)): v for r, c, v in zip(got.row, got.col, got.data)} == pytest.approx(dict(want), rel=1e-12)
+    assert summed_pairs(np.zeros(0, int), np.zeros(0, int), np.zeros(0), 5).nnz == 0
