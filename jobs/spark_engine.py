@@ -483,7 +483,7 @@ def _pairs(batches, n_items: int, params: ModelParams):
     rows, cols, weights = sequence_pairs(users, items, params)
     if not len(rows):
         return
-    summed = summed_pairs(rows, cols, weights.astype(np.float64), n_items)
+    summed = summed_pairs([rows, cols, weights.astype(np.float64)], n_items)
     a = np.repeat(np.arange(n_items, dtype=np.int32), np.diff(summed.indptr))
     total = summed.data.astype(np.float32)
     for at in range(0, len(a), 1_000_000):

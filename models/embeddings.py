@@ -634,28 +634,33 @@ def sequence_neighbors(
         viewers = np.bincount(
             np.unique(events.user.astype(np.int64) * n_items + events.item) % n_items, minlength=n_items
         )
-    rows, cols, weights = sequence_pairs(events.user, events.item, params)
-    if not len(rows):
+    upper = summed_pairs(list(sequence_pairs(events.user, events.item, params)), n_items)
+    if upper.nnz == 0:
         return sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    upper = summed_pairs(rows, cols, weights, n_items)
-    del rows, cols, weights
     matrix = (upper + upper.T).tocsr()
     scale = popularity_scale(viewers, params)
     matrix.data *= scale[np.repeat(np.arange(n_items), np.diff(matrix.indptr))] * scale[matrix.indices]
     return prune_rows(matrix, params.seq_neighbors)
 
 
-def summed_pairs(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n: int) -> sp.csr_matrix:
-    """[n, n] CSR of ``values`` summed per (row, column), columns ascending in each row.
+def summed_pairs(pairs: list[np.ndarray], n: int) -> sp.csr_matrix:
+    """[n, n] CSR of ``pairs`` = [rows, columns, values] summed per (row, column), columns ascending in
+    each row. The list is emptied, so the pairs' memory goes as soon as they are sorted.
 
     Two counting sorts (scipy's COO -> CSC -> CSR, each O(entries)) put the
     duplicates side by side, and one linear pass sums them: 45M watched-next
     pairs in 1.2 s, against 3.1 s for ``coo.tocsr()``, which sorts each row's
     entries by comparison before summing. Duplicates are summed in input order.
     """
-    pairs = sp.coo_matrix((values, (rows, cols)), shape=(n, n))
-    pairs.has_canonical_format = True  # not so: tocsc() keeps the duplicates (they are summed below) instead of sorting
-    matrix = pairs.tocsc().tocsr()  # the second counting sort leaves every row's columns ascending
+    rows, cols, values = pairs
+    pairs.clear()
+    coo = sp.coo_matrix((values, (rows, cols)), shape=(n, n))
+    del rows, cols, values
+    coo.has_canonical_format = True  # not so: tocsc() then keeps the duplicates (summed below) instead of sorting
+    by_column = coo.tocsc()
+    del coo
+    matrix = by_column.tocsr()  # the second counting sort leaves every row's columns ascending
+    del by_column
     matrix.has_canonical_format = False
     matrix.sum_duplicates()  # sorted already: one linear pass
     return matrix

@@ -407,7 +407,9 @@ def test_summed_pairs_sums_every_repeated_pair_and_sorts_each_row():
     want: dict[tuple[int, int], float] = defaultdict(float)
     for r, c, v in zip(rows.tolist(), cols.tolist(), values.tolist()):
         want[(r, c)] += v
-    matrix = summed_pairs(rows, cols, values, 40)
+    given = [rows, cols, values]
+    matrix = summed_pairs(given, 40)
+    assert given == []  # consumed: their memory can go
     assert matrix.shape == (40, 40) and matrix.nnz == len(want)
     assert matrix.has_canonical_format
     for r in range(40):
@@ -415,4 +417,4 @@ def test_summed_pairs_sums_every_repeated_pair_and_sorts_each_row():
         assert row.tolist() == sorted(c for (rr, c) in want if rr == r)
     got = matrix.tocoo()
     assert {(int(r), int(c)): v for r, c, v in zip(got.row, got.col, got.data)} == pytest.approx(dict(want), rel=1e-12)
-    assert summed_pairs(np.zeros(0, int), np.zeros(0, int), np.zeros(0), 5).nnz == 0
+    assert summed_pairs([np.zeros(0, int), np.zeros(0, int), np.zeros(0)], 5).nnz == 0
