@@ -356,7 +356,7 @@ class CandidateColumns:
         self.position = np.empty(n_items, dtype=np.int64)  # a title's column
         self.position[order] = np.arange(n_items)
         first = -(-(n_items // FIRST_PASS_FRACTION) // TOPK_CHUNK) * TOPK_CHUNK
-        self.first = first if n_items >= FIRST_PASS_MIN_TITLES and keep <= first < n_items else self.width
+        self.first = first if n_items >= FIRST_PASS_MIN_TITLES and 0 < keep <= first < n_items else self.width
         self.rows = np.zeros((self.width, vectors.shape[1]), dtype=np.float32)  # a column's vector
         self.rows[:n_items] = vectors[order]
         self.vectors_t = np.ascontiguousarray(self.rows.T)

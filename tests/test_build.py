@@ -167,6 +167,7 @@ def test_precomputed_candidates_are_the_exact_served_ranking(trained_demo, tmp_p
     rows = np.repeat(np.arange(n_users), np.diff(indptr))
     seen = sp.csr_matrix((np.ones(len(hist)), (rows, hist)), shape=(n_users, recommender.n_items))
     candidates, scores = precompute_candidates(recommender, seen, users, 20, show_progress=False)
+    assert precompute_candidates(recommender, seen, users, 0, show_progress=False)[0].shape == (25, 0)
     everything = np.arange(recommender.n_items)
     for row, user in enumerate(users):
         items, weights = recommender.history(recommender.user_ids[user])
@@ -336,9 +337,11 @@ def test_two_pass_ranking_is_the_dense_top_k_of_every_column():
     models.build.FIRST_PASS_MIN_TITLES = 0
     try:
         columns = CandidateColumns(SimpleNamespace(vectors=vectors.astype(np.float32)), keep)
+        nothing = CandidateColumns(SimpleNamespace(vectors=vectors.astype(np.float32)), 0)
     finally:
         models.build.FIRST_PASS_MIN_TITLES = original
     assert columns.first < n_items
+    assert nothing.first == nothing.width  # no candidates asked (--candidates 0): one pass, nothing to bound
     scaled = rng.standard_normal((n_users, 8)).astype(np.float32)
     term = sp.random(n_users, n_items, density=0.02, random_state=3, format="csr", dtype=np.float32)
     term = sp.csr_matrix((term.data * 12.0, term.indices, term.indptr), shape=(n_users, columns.width))  # lifts
