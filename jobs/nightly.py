@@ -687,5 +687,18 @@ def failure_exit_code(exc: Exception) -> int:
     return 1
 
 
+def exit_now(code: int) -> None:
+    """End the process once its work and output are done, without the interpreter's teardown.
+
+    Unloading torch, pandas and the rest module by module took 0.5-0.8 s of every run's wall time and
+    does nothing a finished job needs: the version is stored, the run recorded, the lock released.
+    Logs and streams are flushed first; nothing else is left (no thread or temporary file outlives
+    :func:`main`)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

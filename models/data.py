@@ -54,6 +54,12 @@ LATEST_VALID_TIMESTAMP = 4102444800  # 2100-01-01: a later unix time is a unit m
 MAX_WATCH_SECONDS = 86400.0  # one viewing (an episode or a film) lasts at most a day
 _CSV_BLOCK_BYTES = 1 << 24  # also the longest CSV row that can be read
 
+# Arrow allocates from the C library's allocator unless ARROW_DEFAULT_MEMORY_POOL names another. Its
+# default here (mimalloc) hands freed memory back to the kernel and faults it in again: reading and
+# validating 20M events spent 3.0-5.0 s in the kernel against 1.8 s, and took 5.9-6.5 s against 4.6-4.7 s.
+if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    pa.set_memory_pool(pa.system_memory_pool())
+
 
 class DataError(ValueError):
     """Input that breaks the data contract. The message names file, column and rows."""

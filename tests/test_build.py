@@ -399,6 +399,33 @@ def test_split_columns_keeps_every_entry_on_its_side():
         assert (right.toarray() == np.where(np.arange(50) >= at, matrix.toarray(), 0)).all()
 
 
+def test_sparse_product_is_scipys():
+    """Entry for entry ``a @ b`` (same columns in the same order), including empty rows and products;
+    a mismatch in dtype or shape is an error, not a silent cast."""
+    import scipy.sparse as sp
+
+    from models.build import sparse_product
+
+    rng = np.random.default_rng(4)
+    picked = sp.random(60, 40, density=0.1, random_state=5, format="csr", dtype=np.float32)
+    picked = sp.vstack([sp.csr_matrix((2, 40), dtype=np.float32), picked]).tocsr()  # rows that pick nothing
+    strengths = sp.random(40, 90, density=0.2, random_state=6, format="csr", dtype=np.float32)
+    strengths = (sp.diags((np.arange(40) != 3).astype(np.float32)) @ strengths).tocsr()  # a picked row may be empty
+    strengths.eliminate_zeros()
+    assert strengths[3].nnz == 0 and picked[:, 3].nnz > 0
+    for a, b in [(picked, strengths), (picked[:, :0].tocsr(), strengths[:0]), (sp.csr_matrix((5, 40), dtype=np.float32), strengths)]:
+        want, got = a @ b, sparse_product(a, b)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert np.array_equal(got.indptr, want.indptr)
+        assert np.array_equal(got.indices, want.indices) and np.array_equal(got.data, want.data)
+    wide = sp.csr_matrix((rng.random(3).astype(np.float32), ([0, 1, 1], [2, 0, 2])), shape=(2, 3))
+    assert np.array_equal(sparse_product(wide, strengths[:3]).toarray(), wide.toarray() @ strengths[:3].toarray())
+    with pytest.raises(ValueError):
+        sparse_product(picked, strengths.astype(np.float64))
+    with pytest.raises(ValueError):
+        sparse_product(picked, strengths[:30])
+
+
 def test_summed_pairs_sums_every_repeated_pair_and_sorts_each_row():
     from models.embeddings import summed_pairs
 

@@ -255,6 +255,22 @@ def run_cli(demo_files, redis_url: str, *extra: str, **popen) -> subprocess.Pope
     )
 
 
+def test_a_cli_run_ends_with_its_whole_summary_and_log_on_pipes(store, demo_files, redis_server):
+    # The job leaves through os._exit (jobs.nightly.exit_now): nothing buffered may be lost on the way.
+    # Buffered as under cron or a scheduler, not as this shell may have it (PYTHONUNBUFFERED).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    run = run_cli(demo_files, redis_server.url, env=env)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    live = store.live_version()
+    assert f"version {live} is live" in stderr
+    assert f"model_version: {live}" in stdout
+    last = stdout.rstrip().splitlines()[-1]  # the summary's last line
+    assert last.startswith("run: ") and "succeeded" in last, stdout
+    [record] = list_runs(store)
+    assert record["status"] == "succeeded" and store.redis.get(store.keys.job_lock) is None
+
+
 def test_a_second_run_says_which_run_is_going_and_exits_nonzero(store, demo_files, redis_server):
     going = JobLock(store.redis, store.keys.job_lock, "20260101T000000Z-0001", ttl=5)  # a run in progress
     going.acquire()
