@@ -20,8 +20,8 @@ import numpy as np
 import orjson
 import scipy.sparse as sp
 import torch
-from scipy.sparse import _sparsetools
 from annoy import AnnoyIndex
+from scipy.sparse import _sparsetools
 from threadpoolctl import threadpool_limits
 
 from models.data import Catalog, Events, stable_argsort
