@@ -32,9 +32,10 @@ from models.recommender import BECAUSE_HISTORY, NEIGHBOURS, NO_REASON, SEQUENCE_
 log = logging.getLogger(__name__)
 
 POPULAR_SIZE = 1000
-# Users x padded history length per batched solve: 24 MB of float64 vectors. Under glibc's 32 MB mmap
-# ceiling a freed batch is reused from the heap; 131,072 (64 MB) made every batch fresh pages, faulted
-# in by the kernel: candidates at 150,000 users 12.8-13.2 s -> 11.7-12.0 s, kernel time 2.8-3.1 -> 0.4-0.6 s.
+# Users x padded history length per batch: its largest arrays (the "because" similarities, [users, 100,
+# history] float32) stay under glibc's 32 MB mmap ceiling, so a freed batch is reused from the heap. At
+# 131,072 (64 MB float64 vectors then) every batch was fresh pages, faulted in by the kernel: candidates
+# at 150,000 users 12.8-13.2 s -> 11.7-12.0 s, kernel time 2.8-3.1 -> 0.4-0.6 s.
 BATCH_ENTRIES = 49_152
 MAX_BATCH_USERS = 2048
 # The exact nearest-title table costs titles^2 x dimensions (~40-55 s at 100k titles on 2 cores); above

