@@ -56,7 +56,7 @@ _CSV_BLOCK_BYTES = 1 << 24  # also the longest CSV row that can be read
 
 # Arrow allocates from the C library's allocator unless ARROW_DEFAULT_MEMORY_POOL names another. Its
 # default here (mimalloc) hands freed memory back to the kernel and faults it in again: reading and
-# validating 20M events spent 3.0-5.0 s in the kernel against 1.8 s, and took 5.9-6.5 s against 4.6-4.7 s.
+# validating 20M events spent 3.2-4.6 s in the kernel against 1.8 s, and took 5.9-6.8 s against 4.5-4.7 s.
 if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
     pa.set_memory_pool(pa.system_memory_pool())
 
