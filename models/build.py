@@ -208,7 +208,7 @@ def nearest_titles(vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
     cosines = np.full((n_items, n), -np.inf, dtype=np.float32)
     if keep <= 0:
         return found, cosines
-    width = -(-n_items // TOPK_CHUNK) * TOPK_CHUNK  # padded for top_k; padding scores -inf
+    width = padded_width(n_items)  # padding scores -inf
     unit_t = np.zeros((unit.shape[1], width), dtype=np.float32)
     unit_t[:, :n_items] = unit.T
     unit_t = torch.from_numpy(unit_t)
@@ -355,12 +355,12 @@ class CandidateColumns:
         norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
         order = stable_argsort(-norms)
         self.n_items, self.keep = n_items, keep
-        self.width = -(-n_items // TOPK_CHUNK) * TOPK_CHUNK
+        self.width = padded_width(n_items)
         self.title = np.full(self.width, -1, dtype=np.int32)  # column j scores title[j] (padding: -1)
         self.title[:n_items] = order
         self.position = np.empty(n_items, dtype=np.int64)  # a title's column
         self.position[order] = np.arange(n_items)
-        first = -(-(n_items // FIRST_PASS_FRACTION) // TOPK_CHUNK) * TOPK_CHUNK
+        first = padded_width(n_items // FIRST_PASS_FRACTION)
         self.first = first if n_items >= FIRST_PASS_MIN_TITLES and 0 < keep <= first < n_items else self.width
         self.rows = np.zeros((self.width, vectors.shape[1]), dtype=np.float32)  # a column's vector
         self.rows[:n_items] = vectors[order]
@@ -482,6 +482,11 @@ class _Entries:
             return np.zeros(len(rows), dtype=bool)
         wanted = rows * np.int64(width) + cols
         return keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted
+
+
+def padded_width(n: int) -> int:
+    """``n`` columns rounded up to a multiple of TOPK_CHUNK: the widths :func:`top_k` is fastest on."""
+    return -(-n // TOPK_CHUNK) * TOPK_CHUNK
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
